@@ -1,0 +1,104 @@
+"""MaskedReLU, the drop-in module behind every ReLU site, and convert(), which puts one at every ReLU call site."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import FastmaskError
+from .ops import reference
+from .ops.masked_act import masked_relu
+
+
+class MaskedReLU(nn.Module):
+    """ReLU kept where `mask` is 1, replaced where it is 0 (identity, or a learnable per-channel polynomial).
+
+    mask is a bool buffer shaped like one image's activation ([C, H, W] or [D]), so it is saved with the model.
+    Two transient states are used by the search code and never saved:
+    - `hypotheses` ([K, *shape]): K candidate masks scored in one pass; the batch is K stacked copies of the images.
+    - `alpha` ([*shape] float Parameter): SNL's soft mask, alpha * relu(x) + (1 - alpha) * x.
+    """
+
+    def __init__(self, shape: Sequence[int], polynomial: bool = False):
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        if polynomial:  # start as the identity, so a fresh polynomial site equals plain linearization
+            self.coeffs = nn.Parameter(torch.tensor([[0.0, 1.0, 0.0]]).repeat(shape[0], 1))
+        else:
+            self.coeffs = None
+        self.hypotheses: Optional[torch.Tensor] = None
+        self.alpha: Optional[nn.Parameter] = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.mask.shape)
+
+    def relu_count(self) -> int:
+        return int(self.mask.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha is not None:
+            return reference.soft_masked_act(x, self.alpha)
+        mask = self.hypotheses if self.hypotheses is not None else self.mask.unsqueeze(0)
+        return masked_relu(x, mask, self.coeffs)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, kept={self.relu_count()}, polynomial={self.coeffs is not None}"
+
+
+def masked_sites(model: nn.Module) -> list[tuple[str, MaskedReLU]]:
+    """Every MaskedReLU of the model, in registration order (our models and convert() register in forward order)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedReLU)]
+
+
+def relu_count(model: nn.Module) -> int:
+    """Kept (present) ReLUs over every masked site, counted per (channel, h, w) as SNL does."""
+    return sum(m.relu_count() for _, m in masked_sites(model))
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
+
+def convert(model: nn.Module, example_input: torch.Tensor, polynomial: bool = False) -> torch.fx.GraphModule:
+    """Returns a copy of `model` in which every ReLU call site is its own MaskedReLU with an all-ones mask.
+
+    A ReLU module called at two places (torchvision's BasicBlock calls self.relu twice) becomes two sites, since
+    each place needs its own mask. Shapes come from one forward pass of `example_input` (batch size is irrelevant).
+    """
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception as err:  # data-dependent control flow and the like
+        raise FastmaskError(f"convert: the model cannot be traced by torch.fx ({err.__class__.__name__}: {err}); "
+                            "build it from fastmask.models or make its forward traceable") from err
+    was_training = graph_module.training
+    graph_module.eval()
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(example_input)
+    graph_module.train(was_training)
+    modules = dict(graph_module.named_modules())
+    count = 0
+    for node in list(graph_module.graph.nodes):
+        is_relu_module = node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU)
+        is_relu_function = node.op == "call_function" and node.target in _RELU_FUNCTIONS
+        is_relu_method = node.op == "call_method" and node.target in ("relu", "relu_")
+        if not (is_relu_module or is_relu_function or is_relu_method):
+            continue
+        shape = node.meta["tensor_meta"].shape[1:]
+        name = f"masked_relu_{count}"
+        count += 1
+        graph_module.add_submodule(name, MaskedReLU(shape, polynomial=polynomial))
+        with graph_module.graph.inserting_after(node):
+            new_node = graph_module.graph.call_module(name, args=(node.args[0],))
+        node.replace_all_uses_with(new_node)
+        graph_module.graph.erase_node(node)
+    if count == 0:
+        raise FastmaskError("convert: the model has no ReLU call sites to mask")
+    graph_module.graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module

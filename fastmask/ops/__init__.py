@@ -1,0 +1,5 @@
+"""Ops: the masked activation and the fused conv + BN + masked activation, each with a PyTorch reference."""
+from . import reference
+from .masked_act import masked_relu
+
+__all__ = ["masked_relu", "reference"]
