@@ -67,7 +67,10 @@ def load_model(path: str | Path, expected: dict | None = None, device: str | tor
         state = load_file(str(path))
     except Exception as err:
         raise FastmaskError(f"checkpoint {path} is corrupt ({err})") from err
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch: the spec lied about the weights
+        raise FastmaskError(f"checkpoint {path} does not fit {spec['arch']}: {str(err).splitlines()[0]}") from err
     if missing or unexpected:
         raise FastmaskError(f"checkpoint {path} does not fit {spec['arch']}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
