@@ -1,0 +1,358 @@
+"""Datasets held in memory as uint8 tensors; batches are normalized and augmented on the device.
+
+Every loader returns a Dataset with train / val / test splits as uint8 [N, C, H, W] CPU tensors and int64 labels.
+The val split is carved from the train split by a seed, so model selection never looks at the test set.
+
+Names understood by load_dataset:
+- "cifar10", "cifar100": torchvision's CIFAR files in data_dir (downloaded there when possible).
+- "tinyimagenet": the standard tiny-imagenet-200 folder (its val folder, labelled, is our test split).
+- "npz:<path>" or any path ending in .npz: x_train, y_train, x_test, y_test (uint8 NHWC or NHW), optional classes.
+- "digits": the offline default, scikit-learn's 1,797 real 8x8 grayscale digits upsampled to 16x16.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import FastmaskError
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+NPZ_REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+DIGITS_SIZE = 16
+DIGITS_TEST_SIZE = 360
+# The digits test split is a property of the dataset, not of the run: it never moves with `seed`.
+DIGITS_TEST_SEED = 20240601
+CROP_PADDING_AT_32 = 4
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_classes: int
+    image_size: int
+    in_channels: int
+    mean: tuple
+    std: tuple
+    classes: list
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def __repr__(self) -> str:  # the default would print every pixel
+        return (f"Dataset({self.name!r}, classes={self.num_classes}, image={self.in_channels}x{self.image_size}x"
+                f"{self.image_size}, train={len(self.train_y)}, val={len(self.val_y)}, test={len(self.test_y)})")
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def load_dataset(name: str, data_dir: Optional[str] = None, val_size: int | float = 0.1, seed: int = 0,
+                 download: bool = True) -> Dataset:
+    """Loads a dataset by name (see the module docstring) and carves `val_size` images (a count, or a fraction
+    below 1) out of its train split, chosen by `seed`."""
+    key = name.strip()
+    if key.lower() in CIFAR_STATS:
+        parts = _load_cifar(key.lower(), data_dir, download)
+    elif key.lower() in ("tinyimagenet", "tiny-imagenet", "tiny_imagenet", "tiny-imagenet-200"):
+        parts = _load_tinyimagenet(data_dir)
+    elif key.lower().startswith("npz:") or key.lower().endswith(".npz"):
+        path = key[4:] if key.lower().startswith("npz:") else key
+        parts = _load_npz(Path(path).expanduser())
+    elif key.lower() == "digits":
+        parts = _load_digits()
+    else:
+        raise FastmaskError(f"unknown dataset {name!r}; use cifar10, cifar100, tinyimagenet, digits, "
+                            "or npz:<path to a .npz file>")
+    train_x, train_y, test_x, test_y, classes, stats, dataset_name = parts
+    mean, std = stats if stats is not None else channel_stats(train_x)
+    train_idx, val_idx = split_indices(len(train_y), val_size, seed)
+    return Dataset(name=dataset_name, num_classes=len(classes), image_size=int(train_x.shape[-1]),
+                   in_channels=int(train_x.shape[1]), mean=tuple(float(m) for m in mean),
+                   std=tuple(float(s) for s in std), classes=list(classes),
+                   train_x=train_x[train_idx], train_y=train_y[train_idx],
+                   val_x=train_x[val_idx], val_y=train_y[val_idx], test_x=test_x, test_y=test_y)
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices), disjoint, each ascending; which images go to val depends only on n and seed."""
+    if isinstance(val_size, float) and 0 < val_size < 1:
+        count = int(round(n * val_size))
+    elif float(val_size) == int(val_size) and val_size >= 0:
+        count = int(val_size)
+    else:
+        raise FastmaskError(f"val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}")
+    if count >= n:
+        raise FastmaskError(f"val_size {val_size!r} takes all {n} training images; use a smaller val_size")
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n, generator=generator)
+    return order[count:].sort().values, order[:count].sort().values
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 images in [0, 1] units, summed in float64 chunks to bound memory."""
+    channels = x.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, x.shape[0], 4096):
+        chunk = x[start:start + 4096].to(torch.float64) / 255.0
+        total += chunk.sum(dim=(0, 2, 3))
+        total_sq += (chunk * chunk).sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _nhwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_cifar(name: str, data_dir: Optional[str], download: bool):
+    import torchvision
+
+    root = Path(data_dir or "data").expanduser()
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+    try:
+        train = cls(root=str(root), train=True, download=download)
+        test = cls(root=str(root), train=False, download=download)
+    except Exception as err:
+        reason = " ".join(str(err).split())
+        raise FastmaskError(f"{name} is not in {root} and could not be downloaded ({reason}); put the extracted "
+                            f"{folder}/ folder (from {archive}) in {root} or pass --data-dir") from err
+    classes = list(train.classes)
+    return (_nhwc_to_tensor(train.data), torch.as_tensor(train.targets, dtype=torch.int64),
+            _nhwc_to_tensor(test.data), torch.as_tensor(test.targets, dtype=torch.int64),
+            classes, CIFAR_STATS[name], name)
+
+
+def _images_to_tensor(images: np.ndarray, key: str, path: Path) -> torch.Tensor:
+    if images.dtype != np.uint8:
+        raise FastmaskError(f"{path}: {key} must be uint8 pixels (0-255), got {images.dtype}")
+    if images.ndim == 3:  # grayscale NHW
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
+        raise FastmaskError(f"{path}: {key} must be N x H x W x C with square images and 1 or 3 channels, "
+                            f"got shape {images.shape}")
+    return _nhwc_to_tensor(images)
+
+
+def _labels_to_tensor(labels: np.ndarray, key: str, count: int, path: Path) -> torch.Tensor:
+    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise FastmaskError(f"{path}: {key} must be {count} integer labels, got dtype {labels.dtype} shape "
+                            f"{labels.shape}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_npz(path: Path):
+    if not path.is_file():
+        raise FastmaskError(f"npz dataset {path} does not exist; pass the path of a .npz file with keys "
+                            f"{', '.join(NPZ_REQUIRED_KEYS)}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        keys = set(archive.files)
+    except Exception as err:
+        raise FastmaskError(f"{path} is not a readable .npz file ({' '.join(str(err).split())})") from err
+    missing = [k for k in NPZ_REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise FastmaskError(f"{path} lacks keys {', '.join(missing)}; an npz dataset needs "
+                            f"{', '.join(NPZ_REQUIRED_KEYS)} (and optionally classes)")
+    train_x = _images_to_tensor(archive["x_train"], "x_train", path)
+    test_x = _images_to_tensor(archive["x_test"], "x_test", path)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise FastmaskError(f"{path}: x_train images are {tuple(train_x.shape[1:])} but x_test images are "
+                            f"{tuple(test_x.shape[1:])}; both splits must have the same image shape")
+    train_y = _labels_to_tensor(archive["y_train"], "y_train", len(train_x), path)
+    test_y = _labels_to_tensor(archive["y_test"], "y_test", len(test_x), path)
+    if "classes" in keys:
+        classes = [str(c) for c in archive["classes"].tolist()]
+    else:
+        classes = [str(i) for i in range(int(max(train_y.max(), test_y.max())) + 1)]
+    for key, labels in (("y_train", train_y), ("y_test", test_y)):
+        if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise FastmaskError(f"{path}: {key} holds labels outside [0, {len(classes)}) of its "
+                                f"{len(classes)} classes")
+    if len(classes) < 2:
+        raise FastmaskError(f"{path}: a dataset needs at least 2 classes, found {len(classes)}")
+    return train_x, train_y, test_x, test_y, classes, None, path.stem
+
+
+def _tinyimagenet_root(data_dir: Optional[str]) -> Path:
+    base = Path(data_dir or "data").expanduser()
+    for candidate in (base / "tiny-imagenet-200", base):
+        if (candidate / "wnids.txt").is_file() and (candidate / "train").is_dir():
+            return candidate
+    raise FastmaskError(f"TinyImageNet not found in {base}: put the extracted tiny-imagenet-200/ folder "
+                        "(wnids.txt, train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt) there "
+                        "or pass --data-dir")
+
+
+def _read_images(paths: list[Path]) -> np.ndarray:
+    """Decodes image files to one uint8 N x H x W x 3 array; every image is resized to the first one's size."""
+    from PIL import Image
+
+    with Image.open(paths[0]) as first:
+        size = first.size
+
+    def decode(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != size:
+                image = image.resize(size, Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+
+    out = np.empty((len(paths), size[1], size[0], 3), dtype=np.uint8)
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
+        for i, pixels in enumerate(pool.map(decode, paths, chunksize=256)):
+            out[i] = pixels
+    return out
+
+
+def _load_tinyimagenet(data_dir: Optional[str]):
+    root = _tinyimagenet_root(data_dir)
+    wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines() if line.strip())
+    label_of = {wnid: i for i, wnid in enumerate(wnids)}
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid.strip()] = text.split(",")[0].strip()
+    classes = [words.get(w, w) for w in wnids]
+
+    train_paths, train_labels = [], []
+    for wnid in wnids:
+        files = sorted((root / "train" / wnid / "images").glob("*.[jJpP][pPnN][eEgG]*"))
+        if not files:
+            raise FastmaskError(f"TinyImageNet folder {root} has no images in train/{wnid}/images; "
+                                "re-extract tiny-imagenet-200")
+        train_paths += files
+        train_labels += [label_of[wnid]] * len(files)
+
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise FastmaskError(f"TinyImageNet folder {root} lacks val/val_annotations.txt; re-extract "
+                            "tiny-imagenet-200")
+    test_paths, test_labels = [], []
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in label_of:
+            raise FastmaskError(f"{annotations} names class {fields[1]!r}, which is not in wnids.txt")
+        test_paths.append(root / "val" / "images" / fields[0])
+        test_labels.append(label_of[fields[1]])
+    absent = [p for p in test_paths if not p.is_file()]
+    if absent or not test_paths:
+        raise FastmaskError(f"TinyImageNet folder {root}: val/images lacks {len(absent)} images listed in "
+                            f"val_annotations.txt (e.g. {absent[0].name if absent else 'all'}); re-extract it")
+    train_x = _nhwc_to_tensor(_read_images(train_paths))
+    test_x = _nhwc_to_tensor(_read_images(test_paths))
+    if test_x.shape[1:] != train_x.shape[1:]:
+        test_x = F.interpolate(test_x.float(), size=train_x.shape[-2:], mode="bilinear",
+                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return (train_x, torch.tensor(train_labels, dtype=torch.int64), test_x,
+            torch.tensor(test_labels, dtype=torch.int64), classes, None, "tinyimagenet")
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images).float().unsqueeze(1) * (255.0 / 16.0)  # 0..16 gray levels -> 0..255
+    pixels = F.interpolate(pixels, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = pixels.round().clamp(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    rest, test = split_indices(len(labels), DIGITS_TEST_SIZE, DIGITS_TEST_SEED)
+    classes = [str(int(c)) for c in digits.target_names]
+    return images[rest], labels[rest], images[test], labels[test], classes, None, "digits"
+
+
+# ---- batches on the device --------------------------------------------------------------------------------------
+def _stats_on(dataset: Dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(dataset.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
+def normalize(x_uint8: torch.Tensor, dataset: Dataset, device) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 (x / 255 - mean) / std on `device`."""
+    mean, std = _stats_on(dataset, device)
+    x = x_uint8.to(device, non_blocking=True).float().div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+def crop_padding(image_size: int) -> int:
+    """The usual CIFAR crop padding (4 at 32x32), scaled to the image size."""
+    return max(1, int(round(CROP_PADDING_AT_32 * image_size / 32)))
+
+
+def augment_batch(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Random crop (zero padding, before normalization) + horizontal flip of a float [B, C, H, W] batch.
+
+    The random numbers are drawn on the CPU from `generator`, so the result is the same on every device. Crop and
+    flip are one gather over the padded image, which leaves the result in plain NCHW strides: a permuted result
+    with C = 1 has strides that are also channels-last, and oneDNN's conv weight-gradient corrupts the heap on such
+    inputs (seen with torch 2.14 on the CPU).
+    """
+    batch, channels, height, width = x.shape
+    pad = crop_padding(height)
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(x.device)
+    flips = torch.rand(batch, generator=generator).lt(0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    padded_width = width + 2 * pad
+    rows = offsets[0].view(batch, 1, 1) + torch.arange(height, device=x.device).view(1, height, 1)
+    columns = torch.arange(width, device=x.device).view(1, 1, width)
+    columns = torch.where(flips.view(batch, 1, 1), (width - 1) - columns, columns) + offsets[1].view(batch, 1, 1)
+    source = (rows * padded_width + columns).view(batch, 1, height * width).expand(batch, channels, height * width)
+    return padded.reshape(batch, channels, -1).gather(2, source).view(batch, channels, height, width)
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, dataset: Dataset, batch_size: int, device, *, shuffle: bool,
+                    augment: bool, generator: Optional[torch.Generator] = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalized float images, int64 labels) on `device`, batch by batch. The uint8 split is copied to the device
+    once, and shuffling and augmentation are deterministic given `generator` (a CPU generator)."""
+    if batch_size <= 0:
+        raise FastmaskError(f"batch size must be positive, got {batch_size}")
+    n = len(y)
+    x_device = x.to(device, non_blocking=True)
+    y_device = y.to(device, non_blocking=True)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(device)
+    mean, std = _stats_on(dataset, device)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        images = x_device[index].float().div_(255.0)
+        if augment:
+            images = augment_batch(images, generator)
+        yield images.sub_(mean).div_(std), y_device[index]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def scoring_subset(dataset: Dataset, size: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, non-augmented subset of the TRAIN split (normalized, on `device`), the same images in the same order
+    for a given (size, seed). size 0 or >= the split's size gives the whole train split."""
+    n = len(dataset.train_y)
+    if size < 0:
+        raise FastmaskError(f"scoring subset size must be >= 0 (0 = the whole train split), got {size}")
+    if size == 0 or size >= n:
+        index = torch.arange(n)
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        index = torch.randperm(n, generator=generator)[:size].sort().values
+    return normalize(dataset.train_x[index], dataset, device), dataset.train_y[index].to(device)

@@ -1,0 +1,278 @@
+"""Train, finetune and evaluate: SGD or Adam, cosine LR per step, CE + optional knowledge distillation.
+
+One function, train(), serves the baseline, SNL's alpha phase (through loss_hook and extra_params) and every
+finetune (finetune_config). On CUDA it uses bf16 autocast and channels-last; on the CPU it is deterministic given
+the config's seed (same seed, same weights, bit for bit). A NaN or infinite loss restores the model to its state at
+the start of the epoch and raises TrainingDiverged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Dataset, iterate_batches, steps_per_epoch
+from .errors import FastmaskError
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "constant")
+# How often (in steps) the loss is checked for NaN/inf on CUDA; each check syncs the device. On the CPU: every step.
+CUDA_LOSS_CHECK_EVERY = 25
+
+
+class TrainingDiverged(FastmaskError):
+    """The loss became NaN or infinite; the model was restored to its last good state (start of the epoch)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    optimizer: str
+    lr: float
+    momentum: float = 0.9
+    weight_decay: Optional[float] = None  # None: 5e-4 for SGD, 0 for Adam
+    batch_size: int = 128
+    augment: bool = True
+    kd_temperature: float = 4.0
+    # loss = (1 - w) * CE + w * KD, used only with a teacher. (SNL's own code adds CE + KD unweighted, which is
+    # w = 0.5 at twice the scale.)
+    kd_weight: float = 0.9
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    seed: int = 0
+    lr_schedule: str = "cosine"  # "cosine" (per step, to 0) or "constant" (SNL's alpha phase)
+
+    def __post_init__(self):
+        self.optimizer = self.optimizer.lower()
+        if self.optimizer not in OPTIMIZERS:
+            raise FastmaskError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FastmaskError(f"unknown lr schedule {self.lr_schedule!r}; use cosine or constant")
+        if self.epochs <= 0:
+            raise FastmaskError(f"epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise FastmaskError(f"learning rate must be positive, got {self.lr}")
+        if self.batch_size <= 0:
+            raise FastmaskError(f"batch size must be positive, got {self.batch_size}")
+        if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
+            raise FastmaskError(f"need 0 <= kd_weight <= 1 and kd_temperature > 0, got {self.kd_weight} and "
+                                f"{self.kd_temperature}")
+        if self.weight_decay is None:
+            self.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.0
+
+
+def baseline_config(epochs: int) -> TrainConfig:
+    """Training from scratch: SGD 0.1, momentum 0.9, weight decay 5e-4, cosine, crop + flip."""
+    return TrainConfig(epochs=epochs, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, augment=True)
+
+
+FINETUNE_LR = {"sgd": 1e-3, "adam": 3.5e-5}
+
+
+def finetune_config(arch: str, epochs: int, lr: Optional[float] = None, optimizer: Optional[str] = None
+                    ) -> TrainConfig:
+    """The paper's finetune recipes: ResNet18 SGD 1e-3 cosine; Wide-ResNet Adam 3.5e-5 cosine."""
+    default = "adam" if arch.startswith("wide_resnet") else "sgd"
+    optimizer = (optimizer or default).lower()
+    if optimizer not in OPTIMIZERS:
+        raise FastmaskError(f"unknown optimizer {optimizer!r}; use sgd or adam")
+    return TrainConfig(epochs=epochs, optimizer=optimizer, lr=lr if lr is not None else FINETUNE_LR[optimizer])
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+                     ) -> tuple[float, float]:
+    """(accuracy %, mean cross-entropy) of already-normalized images, in eval mode; (nan, nan) when empty."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size]).float()
+        target = labels[start:start + batch_size]
+        correct += (logits.argmax(1) == target).sum()
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+    model.train(was_training)
+    return 100.0 * int(correct) / len(labels), float(loss_sum) / len(labels)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, dataset: Dataset, device,
+             batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy %, mean cross-entropy) of a uint8 split, in eval mode, without augmentation."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for images, labels in iterate_batches(x_uint8, y, dataset, batch_size, device, shuffle=False, augment=False):
+        logits = model(_to_model_format(images, model)).float()
+        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+    model.train(was_training)
+    return 100.0 * correct / len(y), loss_sum / len(y)
+
+
+def _to_model_format(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Channels-last images for a channels-last model (so cuDNN does not convert every batch)."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and weight.is_cuda and weight.is_contiguous(memory_format=torch.channels_last):
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+                      ) -> torch.Tensor:
+    """Hinton's KD: KL(softmax(teacher / T) || softmax(student / T)) * T^2, batch mean (as SNL's code)."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean") * temperature ** 2
+
+
+def _build_optimizer(model: nn.Module, extra_params: Iterable[torch.Tensor], config: TrainConfig):
+    extra = [p for p in extra_params]
+    extra_ids = {id(p) for p in extra}
+    # Extra parameters (SNL's alphas) carry their own regularizer, so they get no weight decay.
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids],
+               "weight_decay": config.weight_decay}]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def _lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    if config.lr_schedule == "constant":
+        return config.lr
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _snapshot(model: nn.Module, extra: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, [p.detach().clone() for p in extra])
+
+
+def _restore(model: nn.Module, extra: list[torch.Tensor], snapshot: tuple[dict, list[torch.Tensor]]) -> None:
+    state, extra_values = snapshot
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for p, value in zip(extra, extra_values):
+            p.copy_(value)
+
+
+def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, teacher: Optional[nn.Module] = None,
+          extra_params: Iterable[torch.Tensor] = (), loss_hook: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+          on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None, progress: bool = True,
+          max_steps: Optional[int] = None) -> list[dict]:
+    """Trains `model` in place on dataset's train split; returns one history row per epoch.
+
+    Loss: CE, or (1 - kd_weight) * CE + kd_weight * KD when a teacher is given, plus loss_hook(model) when given.
+    The LR follows a per-step cosine from config.lr to 0 over min(epochs * steps_per_epoch, max_steps) steps.
+    on_epoch(epoch, row, model) runs after each epoch's validation; returning "stop" ends training.
+    max_steps ends training after that many optimizer steps in total (a fractional-epoch finetune).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if max_steps is not None and max_steps <= 0:
+        raise FastmaskError(f"max_steps must be positive, got {max_steps}")
+    if len(dataset.train_y) == 0:
+        raise FastmaskError("the train split is empty; use a dataset with training images")
+    model.to(device)
+    if on_cuda and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval()
+        if on_cuda and config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+    extra = list(extra_params)
+    optimizer = _build_optimizer(model, extra, config)
+    per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
+    total_steps = config.epochs * per_epoch if max_steps is None else min(config.epochs * per_epoch, max_steps)
+    use_amp = on_cuda and config.amp
+    check_every = CUDA_LOSS_CHECK_EVERY if on_cuda else 1
+    generator = torch.Generator().manual_seed(int(config.seed))
+    was_training = model.training
+    history: list[dict] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        last_good = _snapshot(model, extra)
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        batches = iterate_batches(dataset.train_x, dataset.train_y, dataset, config.batch_size, device,
+                                  shuffle=True, augment=config.augment, generator=generator)
+        bar = tqdm(batches, total=min(per_epoch, total_steps - step), desc=f"epoch {epoch}/{config.epochs}",
+                   leave=False, disable=not progress, dynamic_ncols=True)
+        for images, labels in bar:
+            if step >= total_steps:
+                break
+            lr = _lr_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = _to_model_format(images, model)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+            with autocast:
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images).float()
+                    kd = distillation_loss(logits.float(), teacher_logits, config.kd_temperature)
+                    loss = (1.0 - config.kd_weight) * loss + config.kd_weight * kd
+            if loss_hook is not None:
+                loss = loss + loss_hook(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+            if step % check_every == 0 or step == total_steps:
+                running = float(loss_sum) / seen
+                if not math.isfinite(running):
+                    _restore(model, extra, last_good)
+                    model.train(was_training)
+                    raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step} (loss {running}); "
+                                           "the model was restored to the start of the epoch: lower the learning "
+                                           "rate")
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+        bar.close()
+        train_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            _restore(model, extra, last_good)
+            model.train(was_training)
+            raise TrainingDiverged(f"training diverged in epoch {epoch} (loss {train_loss}); the model was restored "
+                                   "to the start of the epoch: lower the learning rate")
+        val_acc, val_loss = evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": 100.0 * int(correct) / max(seen, 1),
+               "val_acc": val_acc, "val_loss": val_loss, "lr": _lr_at(step, total_steps, config), "steps": step,
+               "seconds": time.perf_counter() - started}
+        history.append(row)
+        if progress:
+            tqdm.write(f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, train acc {row['train_acc']:.2f}%, "
+                       f"val acc {val_acc:.2f}%, {row['seconds']:.1f}s")
+        if on_epoch is not None and on_epoch(epoch, row, model) == "stop":
+            break
+        if step >= total_steps:
+            break
+    model.train(was_training)
+    return history
+
+
+def finetune(model: nn.Module, dataset: Dataset, config: TrainConfig, device, **kwargs) -> list[dict]:
+    """The same loop as train(); a separate name so call sites read as what they do."""
+    return train(model, dataset, config, device, **kwargs)
