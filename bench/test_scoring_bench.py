@@ -1,0 +1,172 @@
+"""Bench: batched hypothesis scoring (fastmask.score_hypotheses) vs the sequential plain-PyTorch loop.
+
+Baseline ("sequential"): what the authors' code does: each candidate alone, its ReLUs removed from the model's masks,
+then model(images) in batches of 128 in eval mode, the masks put back after. Both sides score the same candidates on
+the same images and must agree on every candidate's correct count (checked here too).
+Measured: candidates per second of each, the ratio batched / sequential, and the fraction of conv FLOPs that prefix
+sharing skipped (computed analytically from the first block any candidate touches: the stem and the blocks before it
+run once instead of K times).
+
+- CUDA (skips without a GPU): ResNet18, 100 classes, 32x32, width 64, a 1,024-image subset, K = 8 and 50;
+  batched runs the fused conv_bn_act path (and, as a second row, the module path). Target: >= 4x sequential.
+- CPU: a reduced case (width 16, 256 images, K = 8). Target: batched >= 0.95x sequential.
+Candidates are DRC = 100 ReLUs sampled uniformly from the present ones (MaskSet.sample), as a BCD step draws them.
+
+Run: python -m pytest bench/test_scoring_bench.py -q --benchmark-json=bench/results/scoring.json
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastmask as fm
+from fastmask.search import fused_forward
+from fastmask.search.scoring import first_differing_block, score_hypotheses
+
+CLASSES, IMAGE = 100, 32
+DRC = 100
+SEQUENTIAL_BATCH = 128
+TABLE = "scoring: batched score_hypotheses vs sequential plain loop (each candidate alone, batches of 128)"
+
+
+def make_case(width: int, n_images: int, k: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    model = fm.models.create("resnet18", CLASSES, IMAGE, width=width).to(device).eval()
+    ms = fm.MaskSet(model)
+    g = torch.Generator().manual_seed(seed)
+    ms.remove(ms.sample(ms.total() // 2, g))  # mid-search: half the ReLUs already gone
+    candidates = [ms.sample(DRC, g) for _ in range(k)]
+    images = torch.randn(n_images, 3, IMAGE, IMAGE, generator=g).to(device)
+    labels = torch.randint(0, CLASSES, (n_images,), generator=g).to(device)
+    return model, candidates, images, labels
+
+
+def sequential_scores(model: nn.Module, candidates, images, labels) -> torch.Tensor:
+    """The baseline: one candidate at a time, plain model(images) in batches of 128. Returns correct counts."""
+    ms = fm.MaskSet(model)
+    saved = ms.snapshot()
+    correct = []
+    with torch.no_grad():
+        for candidate in candidates:
+            ms.remove(candidate)
+            hits, loss = 0, 0.0
+            for start in range(0, images.shape[0], SEQUENTIAL_BATCH):
+                logits = model(images[start:start + SEQUENTIAL_BATCH])
+                target = labels[start:start + SEQUENTIAL_BATCH]
+                hits += (logits.argmax(1) == target).sum()
+                loss += F.cross_entropy(logits, target, reduction="sum")  # computed, as a BCD step needs it
+            correct.append(int(hits))
+            ms.restore(saved)
+    return torch.tensor(correct)
+
+
+def conv_flops_per_stage(model: nn.Module, image: torch.Tensor) -> list[float]:
+    """Conv multiply-adds x 2 of one image, per stage: [stem, block 0, block 1, ...] (the head has no conv)."""
+    flops: dict[int, float] = {}
+    owner = {id(m): i + 1 for i, block in enumerate(model.blocks) for m in block.modules()}
+
+    def hook(module, args, output):
+        stage = owner.get(id(module), 0)
+        kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+        flops[stage] = flops.get(stage, 0.0) + 2.0 * kernel * output[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(image[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return [flops.get(i, 0.0) for i in range(len(model.blocks) + 1)]
+
+
+def prefix_skipped_fraction(model: nn.Module, candidates, images) -> tuple[float, int | None]:
+    """(fraction of the sequential loop's conv FLOPs that the shared prefix does not repeat, first differing block):
+    (K-1) x prefix / (K x all), the prefix being the stem and the blocks before the first differing one."""
+    per_stage = conv_flops_per_stage(model, images)
+    first = first_differing_block(model, candidates)
+    shared_stages = len(per_stage) if first is None else first + 1  # stem + blocks before the first difference
+    k = len(candidates)
+    return (k - 1) * sum(per_stage[:shared_stages]) / (k * sum(per_stage)), first
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_seconds(functions: dict, device: torch.device, rounds: int) -> dict[str, float]:
+    """Median wall seconds of each function, alternating rounds so load drift hits every side alike. No warm-up
+    here: run_case's agreement check has already run every function once (kernels compiled, allocator warm)."""
+    samples = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def run_case(benchmark, bench_table, device: torch.device, width: int, n_images: int, k: int, rounds: int,
+             fused_variants: dict[str, bool | None]):
+    model, candidates, images, labels = make_case(width, n_images, k, device)
+    expected = sequential_scores(model, candidates, images, labels)
+    mismatch = {}
+    for name, fused in fused_variants.items():
+        got = score_hypotheses(model, candidates, images, labels, fused=fused)
+        mismatch[name] = int((got.correct - expected).abs().max())
+        # CPU: the same kernels at another batch size, counts agree exactly. CUDA: cuDNN and the fused kernel may
+        # both use TF32, so a near-tie image can flip; more than 1% would be a bug, not rounding.
+        allowed = 0 if device.type == "cpu" else n_images // 100
+        assert mismatch[name] <= allowed, f"{name} disagrees with the sequential loop by {mismatch[name]} images"
+
+    functions = {"sequential": lambda: sequential_scores(model, candidates, images, labels)}
+    for name, fused in fused_variants.items():
+        functions[name] = (lambda f: lambda: score_hypotheses(model, candidates, images, labels, fused=f))(fused)
+    seconds = interleaved_seconds(functions, device, rounds)
+    skipped, first = prefix_skipped_fraction(model, candidates, images)
+
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "width": width, "images": n_images, "K": k, "drc": DRC,
+            "first_differing_block": first, "prefix_conv_flops_skipped": skipped,
+            "max_correct_count_mismatch": mismatch,
+            "sequential_s": seconds["sequential"], "sequential_candidates_per_s": k / seconds["sequential"]}
+    bench_table(TABLE, variant="sequential (baseline)", device=info["device"], width=width, images=n_images, K=k,
+                seconds=seconds["sequential"], cand_per_s=k / seconds["sequential"], ratio=1.0,
+                prefix_flops_skipped="")
+    for name in fused_variants:
+        ratio = seconds["sequential"] / seconds[name]
+        info[f"{name}_s"] = seconds[name]
+        info[f"{name}_candidates_per_s"] = k / seconds[name]
+        info[f"{name}_vs_sequential"] = ratio
+        bench_table(TABLE, variant=name, device=info["device"], width=width, images=n_images, K=k,
+                    seconds=seconds[name], cand_per_s=k / seconds[name], ratio=ratio,
+                    prefix_flops_skipped=f"{100 * skipped:.2f}%")
+    benchmark.extra_info.update(info)
+    fused = next(iter(fused_variants.values()))
+    benchmark.pedantic(lambda: score_hypotheses(model, candidates, images, labels, fused=fused), rounds=1,
+                       iterations=1)
+    return info
+
+
+def test_scoring_cpu(benchmark, bench_table):
+    info = run_case(benchmark, bench_table, torch.device("cpu"), width=16, n_images=256, k=8, rounds=2,
+                    fused_variants={"batched": False})
+    assert info["batched_vs_sequential"] >= 0.95, "batched scoring must not be slower than the sequential loop"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [8, 50])
+def test_scoring_cuda(benchmark, bench_table, k):
+    variants = {"batched (modules)": False}
+    if fused_forward.available():
+        variants = {"batched (fused)": True, **variants}
+    run_case(benchmark, bench_table, torch.device("cuda"), width=64, n_images=1024, k=k, rounds=3,
+             fused_variants=variants)

@@ -1,0 +1,330 @@
+"""score_hypotheses: K candidate masks scored in one stacked pass, with a shared prefix, chunking and early stop.
+
+Candidates share every weight and differ only in masks, so the batch is the scoring images repeated K times
+([K*N, ...]) and each MaskedReLU a candidate touches gets `hypotheses` [K, *shape]: image n uses mask n // N.
+Blocks before the first block any candidate touches run once at batch N and their output is expanded K times.
+K is cut into chunks whose activations fit a memory budget; with a stop rule, chunks are scored in order and
+scoring stops after the first chunk holding a passing candidate, so the accepted one is the one a sequential loop
+would accept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import FastmaskError
+from ..masks import MaskSet
+from . import fused_forward
+
+CRITERIA = ("accuracy", "loss")
+# Activations live at once inside one block (input, conv output, intermediate, shortcut): the budget's multiplier.
+LIVE_ACTIVATIONS = 4
+DEFAULT_CPU_BUDGET_MB = 512
+CUDA_BUDGET_FRACTION = 0.5
+# One stacked activation stays under 2^31 elements, the limit of 32-bit indexing in cuDNN and library kernels.
+MAX_ELEMENTS_PER_TENSOR = 2**31 - 1
+
+
+@dataclass
+class HypothesisScores:
+    accuracy: torch.Tensor  # [K] float64 percent; nan = not scored
+    loss: torch.Tensor  # [K] float64 mean cross-entropy; nan = not scored
+    correct: torch.Tensor  # [K] int64; -1 = not scored
+    scored: int  # candidates scored: always a prefix 0..scored-1
+    accepted: Optional[int] = None  # first candidate whose drop < adt, when a stop rule was given
+
+    def drop(self, reference: tuple[float, float], criterion: str = "accuracy") -> torch.Tensor:
+        """Per-candidate drop against the reference (accuracy points, or loss increase); nan where not scored."""
+        ref_acc, ref_loss = reference
+        return ref_acc - self.accuracy if criterion == "accuracy" else self.loss - ref_loss
+
+
+# ---- the model as stages: stem, blocks..., head ------------------------------------------------------------------
+class _Stages:
+    """The model cut where it can be cut: stem, each block, head (or the whole model as one stage).
+
+    site_stage[s] is the stage holding site s; a site outside every block counts as stage 0, since stem and head
+    are methods whose modules cannot be told apart, so a candidate there repeats the whole model.
+    """
+
+    def __init__(self, model: nn.Module, mask_set: MaskSet, fused: bool):
+        blocks = list(getattr(model, "blocks", []) or [])
+        has_stages = blocks and callable(getattr(model, "stem", None)) and callable(getattr(model, "head", None))
+        if has_stages:
+            runner = fused_forward.FusedBlocks(blocks) if fused else None
+            self.body: list[Callable] = [model.stem]
+            self.body += [runner.block_forward(i) if runner else block for i, block in enumerate(blocks)]
+            self.head: Callable = model.head
+            owner = {id(m): index + 1 for index, block in enumerate(blocks) for m in block.modules()}
+        else:
+            if fused:
+                raise FastmaskError("fused scoring needs a model from fastmask.models (stem, blocks, head); "
+                                    "pass fused=False for other models")
+            self.body, self.head, owner = [model], (lambda x: x), {}
+        self.site_stage = [owner.get(id(site), 0) for site in mask_set.sites]
+
+    def first_stage(self, touched_sites: Sequence[int]) -> int:
+        """The first stage where the candidates can differ; len(body) when none touches anything."""
+        return min((self.site_stage[s] for s in touched_sites), default=len(self.body))
+
+
+def _touched_sites(mask_set: MaskSet, candidates: Sequence[torch.Tensor]) -> list[int]:
+    flats = [c.reshape(-1).cpu() for c in candidates if c.numel()]
+    if not flats:
+        return []
+    return sorted(set(mask_set.site_of(torch.cat(flats)).tolist()))
+
+
+def first_differing_block(model: nn.Module, candidates: Sequence[torch.Tensor]) -> Optional[int]:
+    """Index into model.blocks of the first block any candidate touches: where batched scoring starts repeating
+    the batch K times (the stem and every block before it run once). -1 when a candidate touches a site outside
+    the blocks (or the model has none), so everything repeats; None when no candidate changes any site."""
+    mask_set = MaskSet(model)
+    stages = _Stages(model, mask_set, fused=False)
+    first = stages.first_stage(_touched_sites(mask_set, candidates))
+    return None if first >= len(stages.body) else first - 1
+
+
+# ---- modes and transient state --------------------------------------------------------------------------------
+class _ScoringMode:
+    """Eval mode for the duration, then every module's own train/eval flag back (not one flag for all)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for module, flag in self.flags:
+            module.training = flag
+        return False
+
+
+def _check_model(mask_set: MaskSet) -> None:
+    if any(site.alpha is not None for site in mask_set.sites):
+        raise FastmaskError("score_hypotheses: the model still carries SNL alphas; binarize them (alpha = None) "
+                            "before scoring masks")
+
+
+def _use_fused(fused: Optional[bool], device: torch.device) -> bool:
+    if fused is None:
+        return device.type == "cuda" and fused_forward.available()
+    if fused and not fused_forward.available():
+        raise FastmaskError(f"fused scoring needs fastmask.ops.conv_bn_act, which is unavailable here "
+                            f"({fused_forward.unavailable_reason()}); pass fused=False")
+    return bool(fused)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+# ---- accumulation -----------------------------------------------------------------------------------------------
+def _accumulate(logits: torch.Tensor, labels: torch.Tensor, groups: int, correct: torch.Tensor,
+                loss_sum: torch.Tensor) -> None:
+    """Adds one batch's per-group correct counts and summed CE ([groups*N] logits, [N] labels)."""
+    n = labels.shape[0]
+    tiled = labels.repeat(groups)
+    per_image = F.cross_entropy(logits.float(), tiled, reduction="none").view(groups, n)
+    hits = (logits.argmax(dim=1) == tiled).view(groups, n)
+    correct += hits.sum(dim=1)
+    loss_sum += per_image.double().sum(dim=1)
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+    if batch_size < 1:
+        raise FastmaskError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, images.shape[0], batch_size):
+        yield (images[start:start + batch_size].to(device, non_blocking=True),
+               labels[start:start + batch_size].to(device, non_blocking=True))
+
+
+def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.shape[0] == 0:
+        raise FastmaskError("scoring needs at least one image")
+    if labels.shape[0] != images.shape[0]:
+        raise FastmaskError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+
+
+# ---- public -----------------------------------------------------------------------------------------------------
+def score_current(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512,
+                  *, fused: Optional[bool] = None) -> tuple[float, float]:
+    """(accuracy %, mean CE) of the model with its current masks, in eval mode (the mode is restored after)."""
+    _check_data(images, labels)
+    device = _model_device(model)
+    mask_set = MaskSet(model)
+    _check_model(mask_set)
+    stages = _Stages(model, mask_set, _use_fused(fused, device))
+    with _ScoringMode(model), torch.inference_mode():
+        correct = torch.zeros(1, dtype=torch.int64, device=device)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        for x, y in _batches(images, labels, batch_size, device):
+            for stage in stages.body:
+                x = stage(x)
+            _accumulate(stages.head(x), y, 1, correct, loss_sum)
+    total = images.shape[0]
+    return 100.0 * int(correct[0]) / total, float(loss_sum[0]) / total
+
+
+def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], images: torch.Tensor,
+                     labels: torch.Tensor, *, reference: Optional[tuple[float, float]] = None,
+                     adt: Optional[float] = None, criterion: str = "accuracy", batch_size: int = 512,
+                     memory_budget_mb: Optional[float] = None, fused: Optional[bool] = None,
+                     chunk_size: Optional[int] = None) -> HypothesisScores:
+    """Scores K candidates (each: flat MaskSet indices to remove from the current masks) on fixed images.
+
+    With `reference` (accuracy, loss of the current masks) and `adt`, chunks are scored in order and scoring
+    stops after the first chunk holding a candidate whose drop < adt; `accepted` is the first such index.
+    `memory_budget_mb` bounds one chunk's activations (default: half the free GPU memory, or 512 MB on the CPU);
+    `fused` runs blocks through fastmask.ops.conv_bn_act (None: on CUDA when available); `chunk_size` caps the
+    candidates per chunk below what the budget allows.
+    The model's masks and train/eval flags are as they were on return.
+    """
+    if criterion not in CRITERIA:
+        raise FastmaskError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if (reference is None) != (adt is None):
+        raise FastmaskError("pass both reference and adt for early stopping, or neither")
+    _check_data(images, labels)
+    k = len(candidates)
+    scores = HypothesisScores(accuracy=torch.full((k,), math.nan, dtype=torch.float64),
+                              loss=torch.full((k,), math.nan, dtype=torch.float64),
+                              correct=torch.full((k,), -1, dtype=torch.int64), scored=0)
+    if k == 0:
+        return scores
+    device = _model_device(model)
+    mask_set = MaskSet(model)
+    _check_model(mask_set)
+    total = mask_set.total()
+    for index, candidate in enumerate(candidates):
+        if candidate.numel() and (int(candidate.min()) < 0 or int(candidate.max()) >= total):
+            raise FastmaskError(f"candidate {index} holds flat indices outside [0, {total}): "
+                                "it was sampled from another model")
+    stages = _Stages(model, mask_set, _use_fused(fused, device))
+    batch_n = min(batch_size, images.shape[0])
+    shared_from = stages.first_stage(_touched_sites(mask_set, candidates))
+    chunk = _chunk_size(mask_set, stages, images, shared_from, batch_n, device, memory_budget_mb)
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise FastmaskError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = min(chunk, chunk_size)
+    prefix_cache = _PrefixCache(stages, shared_from, images, labels, batch_size, device, memory_budget_mb)
+
+    try:
+        with _ScoringMode(model), torch.inference_mode():
+            for start in range(0, k, chunk):
+                part = list(candidates[start:start + chunk])
+                correct, loss_sum = _score_chunk(mask_set, stages, part, prefix_cache, shared_from)
+                end = start + len(part)
+                scores.correct[start:end] = correct
+                scores.accuracy[start:end] = 100.0 * correct.double() / images.shape[0]
+                scores.loss[start:end] = loss_sum / images.shape[0]
+                scores.scored = end
+                if reference is not None:
+                    drop = scores.drop(reference, criterion)[start:end]
+                    passing = (drop < adt).nonzero()
+                    if passing.numel():
+                        scores.accepted = start + int(passing[0, 0])
+                        break
+    finally:
+        for site in mask_set.sites:
+            site.hypotheses = None
+    return scores
+
+
+def _score_chunk(mask_set: MaskSet, stages: _Stages, part: list[torch.Tensor], prefix_cache: "_PrefixCache",
+                 shared_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = len(part)
+    touched = _touched_sites(mask_set, part)
+    masks = mask_set.candidate_masks(part)
+    for s in touched:  # untouched sites keep hypotheses=None: their one mask applies to every group
+        mask_set.sites[s].hypotheses = masks[s]
+    expand_at = stages.first_stage(touched)
+    # Sums stay on the device until the chunk ends: no host sync per batch.
+    correct = torch.zeros(groups, dtype=torch.int64, device=prefix_cache.device)
+    loss_sum = torch.zeros(groups, dtype=torch.float64, device=prefix_cache.device)
+    try:
+        for x, y in prefix_cache:
+            for stage in stages.body[shared_from:expand_at]:  # this chunk may start differing later than the rest
+                x = stage(x)
+            x = torch.cat([x] * groups) if groups > 1 else x  # [K*N, ...]; cat keeps a channels_last layout
+            for stage in stages.body[expand_at:]:
+                x = stage(x)
+            _accumulate(stages.head(x), y, groups, correct, loss_sum)
+    finally:
+        for s in touched:
+            mask_set.sites[s].hypotheses = None
+    return correct.cpu(), loss_sum.cpu()
+
+
+class _PrefixCache:
+    """Outputs of the shared stages per image batch: computed once and kept when they fit the budget, else recomputed
+    for each chunk (only when early stop did not end the scoring first)."""
+
+    def __init__(self, stages: _Stages, shared_from: int, images, labels, batch_size, device, budget_mb):
+        self.stages, self.shared_from = stages, shared_from
+        self.images, self.labels, self.batch_size, self.device = images, labels, batch_size, device
+        self.budget_bytes = _budget_bytes(device, budget_mb)
+        self.kept: Optional[list] = None
+        self.too_big = shared_from == 0  # nothing to share: the batches are just the images
+
+    def _compute(self):
+        for x, y in _batches(self.images, self.labels, self.batch_size, self.device):
+            for stage in self.stages.body[:self.shared_from]:
+                x = stage(x)
+            yield x, y
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        if self.too_big:
+            yield from self._compute()
+            return
+        kept, used = [], 0
+        for x, y in self._compute():
+            used += x.numel() * x.element_size()
+            if used <= self.budget_bytes:
+                kept.append((x, y))
+            else:
+                self.too_big, kept = True, []
+            yield x, y
+        if not self.too_big:
+            self.kept = kept
+
+
+def _budget_bytes(device: torch.device, budget_mb: Optional[float]) -> float:
+    if budget_mb is not None:
+        if budget_mb <= 0:
+            raise FastmaskError(f"memory_budget_mb must be positive, got {budget_mb}")
+        return budget_mb * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return CUDA_BUDGET_FRACTION * free
+    return DEFAULT_CPU_BUDGET_MB * 2**20
+
+
+def _chunk_size(mask_set: MaskSet, stages: _Stages, images: torch.Tensor, shared_from: int, batch_n: int,
+                device: torch.device, budget_mb: Optional[float]) -> int:
+    """Candidates per chunk: the largest K whose activations (largest activation after the prefix x K x batch x
+    the activations live at once) fit the budget; at least 1.
+
+    The largest activation is read off the masked sites of the stages after the prefix: in our models every block's
+    input and output has the shape of a site inside it, so no probe forward is needed."""
+    elements = max((site.mask.numel() for site, stage in zip(mask_set.sites, stages.site_stage)
+                    if stage >= shared_from), default=images[0].numel())
+    bytes_per_candidate = LIVE_ACTIVATIONS * elements * images.element_size() * batch_n
+    by_budget = int(_budget_bytes(device, budget_mb) // max(1, bytes_per_candidate))
+    by_indexing = MAX_ELEMENTS_PER_TENSOR // max(1, elements * batch_n)  # 32-bit indexing in library kernels
+    return max(1, min(by_budget, by_indexing))

@@ -1,0 +1,430 @@
+"""score_hypotheses against the plain loop (each candidate alone on a deep copy, model(images)): counts, losses,
+prefix sharing, chunking, early stop, the mask index of each group, state left behind, and the fused block path."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastmask as fm
+from fastmask.errors import FastmaskError
+from fastmask.ops import reference
+from fastmask.search import fused_forward, scoring
+from fastmask.search.scoring import first_differing_block, score_current, score_hypotheses
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+WIDTHS = {"resnet18": 4, "wide_resnet22_8": 8}
+IMAGE = 8
+CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast alone and far faster on a busy machine (two threads
+    spin-waiting for each other on a loaded 2-core runner made each conv take milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """BN statistics and affine away from identity, a sharp head: candidates then change logits visibly."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
+        if isinstance(m, nn.Linear):
+            m.weight.data.mul_(20.0)
+    return model
+
+
+def make_model(arch: str, seed: int = 0, removed_fraction: float = 0.3) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _randomize(fm.models.create(arch, CLASSES, IMAGE, width=WIDTHS[arch]), seed)
+    ms = fm.MaskSet(model)
+    ms.remove(ms.sample(int(ms.total() * removed_fraction), torch.Generator().manual_seed(seed)))
+    model.train()  # scoring must switch to eval itself (BN batch statistics would change every count)
+    return model
+
+
+def make_data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, IMAGE, IMAGE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def sample_candidates(model, k: int, size: int, seed: int = 1, sites=None):
+    """k candidates of `size` present ReLUs each, drawn from all sites or only from `sites`."""
+    ms = fm.MaskSet(model)
+    g = torch.Generator().manual_seed(seed)
+    present = ms.present()
+    if sites is not None:
+        present = present[torch.isin(ms.site_of(present), torch.tensor(sites))]
+    return [present[torch.randperm(present.numel(), generator=g)[:size]].sort().values for _ in range(k)]
+
+
+def plain_scores(model, candidates, images, labels):
+    """The oracle: each candidate alone, applied with MaskSet.remove on a deep copy, one plain forward."""
+    correct, loss, logits_all = [], [], []
+    for candidate in candidates:
+        alone = copy.deepcopy(model).eval()
+        fm.MaskSet(alone).remove(candidate)
+        with torch.no_grad():
+            logits = alone(images)
+        correct.append(int((logits.argmax(1) == labels).sum()))
+        loss.append(float(F.cross_entropy(logits, labels)))
+        logits_all.append(logits)
+    return torch.tensor(correct), torch.tensor(loss, dtype=torch.float64), logits_all
+
+
+def assert_matches_plain(scores, candidates, model, images, labels):
+    correct, loss, _ = plain_scores(model, candidates, images, labels)
+    assert scores.scored == len(candidates)
+    assert torch.equal(scores.correct, correct)
+    torch.testing.assert_close(scores.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.accuracy, 100.0 * correct.double() / labels.numel())
+
+
+class BatchRecorder:
+    """Records the batch size each block sees, so tests can tell shared (N) from stacked (K*N) execution."""
+
+    def __init__(self, model):
+        self.sizes = {i: [] for i in range(len(model.blocks))}
+        self.handles = [block.register_forward_pre_hook(self._hook(i)) for i, block in enumerate(model.blocks)]
+
+    def _hook(self, index):
+        def hook(module, args):
+            self.sizes[index].append(args[0].shape[0])
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+# ---- equality with the plain loop ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+@pytest.mark.parametrize("n, batch_size", [(8, 512), (32, 512), (20, 8)])
+def test_matches_plain_loop(arch, n, batch_size):
+    model = make_model(arch)
+    images, labels = make_data(n)
+    candidates = sample_candidates(model, 5, size=200)
+    scores = score_hypotheses(model, candidates, images, labels, batch_size=batch_size)
+    assert_matches_plain(scores, candidates, model, images, labels)
+    assert scores.accepted is None
+
+
+def test_matches_plain_loop_on_real_images():
+    path = DATA / "cifar10_subset.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    with np.load(path) as data:
+        x = torch.from_numpy(data["x_train"][:24]).permute(0, 3, 1, 2).float() / 255.0
+        labels = torch.from_numpy(data["y_train"][:24].astype(np.int64))
+    images = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+    torch.manual_seed(0)
+    model = _randomize(fm.models.create("resnet18", 10, 32, width=4), 0)
+    candidates = sample_candidates(model, 4, size=2000)
+    scores = score_hypotheses(model, candidates, images, labels, batch_size=16)
+    assert_matches_plain(scores, candidates, model, images, labels)
+
+
+def test_candidates_are_distinct_and_each_group_gets_its_own_mask():
+    """Candidates with clearly different losses, scored in two orders: a wrong mask index (n % K instead of
+    n // K, or a shifted group) would swap or mix the per-candidate results."""
+    model = make_model("resnet18")
+    images, labels = make_data(16)
+    ms = fm.MaskSet(model)
+    present = ms.present()
+    sites = ms.site_of(present)
+    # Each candidate linearizes a whole different site (plus one shared early removal so all share no prefix).
+    candidates = [present[sites == s] for s in (0, 5, 9, 14)]
+    correct, loss, _ = plain_scores(model, candidates, images, labels)
+    gaps = (loss.unsqueeze(0) - loss.unsqueeze(1)).abs() + torch.eye(len(candidates)) * 1e9
+    assert float(gaps.min()) > 1e-3, "the test needs candidates with distinct losses"
+    forward = score_hypotheses(model, candidates, images, labels)
+    backward = score_hypotheses(model, candidates[::-1], images, labels)
+    torch.testing.assert_close(forward.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(backward.loss, loss.flip(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(forward.correct, correct) and torch.equal(backward.correct, correct.flip(0))
+
+
+def test_empty_candidate_scores_the_current_masks():
+    model = make_model("wide_resnet22_8")
+    images, labels = make_data(16)
+    acc, loss = score_current(model, images, labels, batch_size=5)
+    scores = score_hypotheses(model, [torch.empty(0, dtype=torch.int64)] * 2, images, labels)
+    assert first_differing_block(model, [torch.empty(0, dtype=torch.int64)]) is None
+    _, plain_loss, _ = plain_scores(model, [torch.empty(0, dtype=torch.int64)], images, labels)
+    assert scores.accuracy.tolist() == [acc, acc]
+    assert loss == pytest.approx(float(plain_loss[0]), rel=1e-5)
+    torch.testing.assert_close(scores.loss, torch.tensor([loss, loss], dtype=torch.float64))
+
+
+def test_model_without_blocks_is_scored_whole():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * IMAGE * IMAGE, 6),
+                        nn.ReLU(), nn.Linear(6, CLASSES))
+    images, labels = make_data(12)
+    model = fm.convert(net, images[:1])
+    candidates = sample_candidates(model, 3, size=100)
+    assert first_differing_block(model, candidates) == -1  # no blocks: the whole model repeats
+    assert_matches_plain(score_hypotheses(model, candidates, images, labels), candidates, model, images, labels)
+
+
+# ---- prefix sharing ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+@pytest.mark.parametrize("where", ["early", "late"])
+def test_prefix_runs_once_and_results_match(arch, where):
+    model = make_model(arch)
+    images, labels = make_data(12)
+    n_sites = len(fm.MaskSet(model).sites)
+    sites = [0] if where == "early" else [n_sites - 2, n_sites - 1]  # first block vs last block only
+    k = 4
+    candidates = sample_candidates(model, k, size=40, sites=sites)
+    first = first_differing_block(model, candidates)
+    assert first == (0 if where == "early" else len(model.blocks) - 1)
+    recorder = BatchRecorder(model)
+    try:
+        scores = score_hypotheses(model, candidates, images, labels)
+    finally:
+        recorder.close()
+    assert_matches_plain(scores, candidates, model, images, labels)
+    for index, sizes in recorder.sizes.items():
+        stacked = [s for s in sizes if s == k * 12]
+        if index < first:
+            assert sizes == [12], f"block {index} is shared: it sees the batch once"
+        else:
+            assert stacked, f"block {index} comes after the first difference and must see K*N images"
+
+
+def test_chunk_whose_candidates_start_later_shares_more():
+    """Two chunks: the first touches block 0, the second only the last block; the second chunk's expansion
+    happens at the last block, and results still match."""
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    n_sites = len(fm.MaskSet(model).sites)
+    early = sample_candidates(model, 2, size=30, sites=[0], seed=3)
+    late = sample_candidates(model, 2, size=30, sites=[n_sites - 1], seed=4)
+    candidates = early + late
+    recorder = BatchRecorder(model)
+    try:
+        scores = score_hypotheses(model, candidates, images, labels, chunk_size=2)
+    finally:
+        recorder.close()
+    assert_matches_plain(scores, candidates, model, images, labels)
+    second_block = recorder.sizes[1]  # chunk 1 (stacked), chunk 2 (shared)
+    assert second_block == [16, 8]
+
+
+# ---- chunking ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+def test_chunking_gives_identical_results(arch):
+    model = make_model(arch)
+    images, labels = make_data(16)
+    candidates = sample_candidates(model, 5, size=150)
+    whole = score_hypotheses(model, candidates, images, labels, batch_size=16)
+    recorder = BatchRecorder(model)
+    try:
+        tiny = score_hypotheses(model, candidates, images, labels, batch_size=6, memory_budget_mb=1e-6)
+    finally:
+        recorder.close()
+    assert recorder.sizes[0] == [6, 6, 4] * 5, "a tiny budget means one candidate per chunk"
+    pairs = score_hypotheses(model, candidates, images, labels, chunk_size=2)
+    for other in (tiny, pairs):
+        assert torch.equal(other.correct, whole.correct)
+        torch.testing.assert_close(other.loss, whole.loss, rtol=1e-5, atol=1e-6)
+    assert_matches_plain(whole, candidates, model, images, labels)
+
+
+def test_memory_budget_sets_the_chunk():
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    candidates = sample_candidates(model, 6, size=20, sites=[0])
+    # resnet18 width 4 at 8x8: the largest activation is 4*8*8 fp32 = 1 KiB per image, 4 live -> 32 KiB per candidate
+    per_candidate_mb = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
+    recorder = BatchRecorder(model)
+    try:
+        score_hypotheses(model, candidates, images, labels, memory_budget_mb=3.5 * per_candidate_mb)
+    finally:
+        recorder.close()
+    assert recorder.sizes[0] == [24, 24], "3 candidates per chunk fit a 3.5-candidate budget"
+
+
+# ---- early stop ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def early_stop_case():
+    """A model, images, the reference, and a pool of candidates with their plain (sequential) drops."""
+    model = make_model("resnet18", seed=2)
+    images, labels = make_data(32, seed=2)
+    reference_scores = score_current(model, images, labels)
+    pool = sample_candidates(model, 16, size=600, seed=5)
+    _, pool_loss, pool_logits = plain_scores(model, pool, images, labels)
+    pool_acc = torch.tensor([100.0 * float((lo.argmax(1) == labels).sum()) / 32 for lo in pool_logits])
+    drops = {"accuracy": reference_scores[0] - pool_acc, "loss": pool_loss - reference_scores[1]}
+    return model, images, labels, reference_scores, pool, drops
+
+
+@pytest.mark.parametrize("criterion", ["accuracy", "loss"])
+@pytest.mark.parametrize("chunk_size, scored", [(2, 4), (1, 4), (3, 6), (8, 6)])
+def test_early_stop_accepts_the_sequential_choice(early_stop_case, criterion, chunk_size, scored):
+    """Candidates 0-2 are worse than the reference, 3 and 5 are not: sequential order accepts 3, never 5,
+    and chunks after the one holding 3 are never scored."""
+    model, images, labels, reference_scores, pool, all_drops = early_stop_case
+    drops = all_drops[criterion]
+    worse = [i for i in drops.argsort(descending=True).tolist() if drops[i] > 0][:3]
+    assert len(worse) == 3, "the pool needs three candidates that hurt"
+    empty = torch.empty(0, dtype=torch.int64)
+    candidates = [pool[i] for i in worse] + [empty, pool[worse[0]], empty]
+    adt = float(drops[worse].min()) / 2
+    recorder = BatchRecorder(model)
+    try:
+        scores = score_hypotheses(model, candidates, images, labels, reference=reference_scores, adt=adt,
+                                  criterion=criterion, chunk_size=chunk_size)
+    finally:
+        recorder.close()
+    assert scores.accepted == 3
+    assert scores.scored == scored
+    assert torch.all(scores.correct[:scored] >= 0) and torch.all(scores.correct[scored:] == -1)
+    assert torch.isnan(scores.loss[scored:]).all() and torch.isnan(scores.accuracy[scored:]).all()
+    assert not torch.isnan(scores.loss[:scored]).any()
+    chunks_run = -(-scored // chunk_size)
+    assert len(recorder.sizes[0]) == chunks_run, "later chunks must not run at all"
+    drop = scores.drop(reference_scores, criterion)
+    assert torch.all(drop[:3] >= adt) and drop[3] < adt
+
+
+def test_no_passing_candidate_scores_everything():
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    candidates = sample_candidates(model, 4, size=50)
+    scores = score_hypotheses(model, candidates, images, labels, reference=(100.0, 0.0), adt=-1.0, chunk_size=1)
+    assert scores.accepted is None and scores.scored == 4
+
+
+def test_bad_arguments_fail_clearly():
+    model = make_model("resnet18")
+    images, labels = make_data(4)
+    good = sample_candidates(model, 1, size=5)
+    with pytest.raises(FastmaskError, match="both reference and adt"):
+        score_hypotheses(model, good, images, labels, adt=0.3)
+    with pytest.raises(FastmaskError, match="criterion"):
+        score_hypotheses(model, good, images, labels, reference=(1.0, 1.0), adt=0.3, criterion="top5")
+    with pytest.raises(FastmaskError, match="another model"):
+        score_hypotheses(model, [torch.tensor([fm.MaskSet(model).total()])], images, labels)
+    with pytest.raises(FastmaskError, match="labels"):
+        score_hypotheses(model, good, images, labels[:3])
+    empty = score_hypotheses(model, [], images, labels)
+    assert empty.scored == 0 and empty.accuracy.numel() == 0
+
+
+# ---- state left behind -------------------------------------------------------------------------------------------
+def test_masks_modes_and_hypotheses_restored():
+    model = make_model("wide_resnet22_8")
+    model.block2[0].eval()  # a mixed state: one eval submodule inside a training model
+    flags = [m.training for m in model.modules()]
+    ms = fm.MaskSet(model)
+    before = ms.snapshot()
+    images, labels = make_data(8)
+    score_hypotheses(model, sample_candidates(model, 3, size=100), images, labels, chunk_size=2)
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(a, b) for a, b in zip(before, ms.snapshot()))
+    assert all(site.hypotheses is None for site in ms.sites)
+
+
+def test_hypotheses_cleared_when_scoring_fails():
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    calls = []
+
+    def fail_on_second_chunk(module, args):
+        calls.append(args[0].shape[0])
+        if len(calls) == 2:  # chunk 1 runs, then chunk 2 fails mid-way
+            raise RuntimeError("boom")
+
+    handle = model.blocks[3].register_forward_pre_hook(fail_on_second_chunk)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            score_hypotheses(model, sample_candidates(model, 4, size=50), images, labels, chunk_size=2)
+    finally:
+        handle.remove()
+    ms = fm.MaskSet(model)
+    assert all(site.hypotheses is None for site in ms.sites)
+    assert model.training
+
+
+def test_snl_alphas_are_refused():
+    model = make_model("resnet18")
+    site = fm.MaskSet(model).sites[0]
+    site.alpha = nn.Parameter(torch.ones(site.shape))
+    images, labels = make_data(4)
+    with pytest.raises(FastmaskError, match="alphas"):
+        score_hypotheses(model, sample_candidates(model, 1, size=5), images, labels)
+
+
+# ---- the fused block path -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+def test_fused_block_wiring_with_reference_op(arch, monkeypatch):
+    """The per-block fused forwards (BN folding, shortcut, residual, which mask goes where) with the reference
+    conv_bn_act standing in for the kernel, so the wiring is checked on any machine."""
+    monkeypatch.setattr(fused_forward, "_conv_bn_act", lambda: reference.conv_bn_act)
+    model = make_model(arch)
+    images, labels = make_data(12)
+    candidates = sample_candidates(model, 4, size=150)
+    scores = score_hypotheses(model, candidates, images, labels, fused=True, chunk_size=3, batch_size=8)
+    assert_matches_plain(scores, candidates, model, images, labels)
+    acc, loss = score_current(model, images, labels, fused=True)
+    assert (acc, loss) == pytest.approx(score_current(model, images, labels, fused=False), rel=1e-5)
+
+
+def test_fused_forced_without_kernel_fails_clearly(monkeypatch):
+    monkeypatch.setattr(fused_forward, "_conv_bn_act", lambda: None)
+    model = make_model("resnet18")
+    images, labels = make_data(4)
+    with pytest.raises(FastmaskError, match="fused=False"):
+        score_hypotheses(model, sample_candidates(model, 1, size=5), images, labels, fused=True)
+
+
+# backends.forced() reads FASTMASK_BACKEND at every call: the oracle runs on the reference ops (fast), the fused
+# path on the interpreted Triton kernels.
+_FUSED_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from test_scoring import make_model, make_data, sample_candidates, assert_matches_plain
+from fastmask.ops import backends
+from fastmask.search.scoring import score_hypotheses
+for arch in ("resnet18", "wide_resnet22_8"):
+    model = make_model(arch)
+    images, labels = make_data(3)
+    candidates = sample_candidates(model, 2, size=60)
+    os.environ["FASTMASK_BACKEND"] = "triton"
+    assert backends.select("cpu", has_ext_kernel=False) == "triton", "the Triton kernel must be the one under test"
+    scores = score_hypotheses(model, candidates, images, labels, fused=True)
+    os.environ["FASTMASK_BACKEND"] = "torch"
+    assert_matches_plain(scores, candidates, model, images, labels)
+print("fused ok")
+"""
+
+
+def test_fused_path_with_triton_kernel_interpreted():
+    """The real kernels through the fused path: Triton under TRITON_INTERPRET=1 (a fresh process, since the
+    interpreter is chosen when triton.jit decorates the kernels)."""
+    pytest.importorskip("triton")
+    if not fused_forward.available():
+        pytest.skip(f"fastmask.ops.conv_bn_act is not in this build yet ({fused_forward.unavailable_reason()})")
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTMASK_BACKEND="triton", OMP_NUM_THREADS="1")
+    script = _FUSED_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fused ok" in result.stdout
