@@ -1,0 +1,318 @@
+"""Block Coordinate Descent (the paper's Algorithm 2) as a resumable driver.
+
+From a model at B_ref, each step removes DRC present ReLUs: it re-measures the reference on a fixed scoring subset,
+samples RT candidates up front, scores them with fastmask.score_hypotheses (which stops early at the first candidate
+under ADT), applies the accepted one (or the smallest drop when none passes), finetunes, and writes its whole state
+atomically. One run passes several targets on the way down; each is saved and evaluated when the count lands on it.
+
+The state file (checkpoints/last.pt) is a safetensors file: the model's state_dict (weights, BN statistics and masks)
+and the RNG states as tensors, everything else as JSON in its metadata. No pickle is written or read.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import SPEC_KEY, save_model
+from ..errors import FastmaskError
+from ..masks import MaskSet
+
+STATE_VERSION = 1
+STATE_FILE = Path("checkpoints") / "last.pt"
+CRITERIA = ("accuracy", "loss")
+# ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
+NOISE_STANDARD_ERRORS = 2.0
+
+
+@dataclass
+class BCDConfig:
+    """Algorithm 2's knobs. drc/rt/adt as in the paper; adt is in accuracy points (or loss units for "loss")."""
+
+    targets: Sequence[int]
+    drc: int = 100
+    rt: int = 50
+    adt: float = 0.3
+    criterion: str = "accuracy"
+    seed: int = 0
+    score_batch_size: int = 512
+
+    def validate(self, start_count: int) -> None:
+        targets = [int(t) for t in self.targets]
+        if not targets:
+            raise FastmaskError("BCD needs at least one target ReLU budget (--targets)")
+        if any(b >= a for a, b in zip(targets, targets[1:])):
+            raise FastmaskError(f"targets must be strictly descending, got {','.join(map(str, targets))}")
+        if targets[0] >= start_count:
+            raise FastmaskError(f"target {targets[0]} is at or above the ReLU count BCD starts from ({start_count}); "
+                                "give targets below it")
+        if targets[-1] < 0:
+            raise FastmaskError(f"targets must be >= 0, got {targets[-1]}")
+        for name in ("drc", "rt"):
+            if int(getattr(self, name)) <= 0:
+                raise FastmaskError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.adt >= 0:  # also rejects NaN
+            raise FastmaskError(f"adt must be >= 0, got {self.adt}")
+        if self.criterion not in CRITERIA:
+            raise FastmaskError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+
+    def fingerprint(self) -> dict:
+        """What must match for --resume to continue the same run."""
+        return {"targets": [int(t) for t in self.targets], "drc": int(self.drc), "rt": int(self.rt),
+                "adt": float(self.adt), "criterion": self.criterion, "seed": int(self.seed)}
+
+
+def accuracy_standard_error(accuracy_percent: float, images: int) -> float:
+    """Binomial standard error of an accuracy measured on `images` images, in percentage points."""
+    p = min(max(accuracy_percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / max(images, 1))
+
+
+def choose(scores, reference: tuple[float, float], criterion: str) -> tuple[int, bool]:
+    """(candidate index, fallback?): the accepted one when the stop rule found one, else the smallest drop among the
+    scored candidates, ties broken by lower loss, then by order."""
+    if scores.accepted is not None:
+        return int(scores.accepted), False
+    drops = scores.drop(reference, criterion)
+    scored = [i for i in range(int(scores.scored)) if not math.isnan(float(drops[i]))]
+    if not scored:
+        raise RuntimeError("score_hypotheses scored no candidate")  # a bug in scoring, not user input
+    return min(scored, key=lambda i: (float(drops[i]), float(scores.loss[i]), i)), True
+
+
+def plan_removal(count: int, targets: Sequence[int], drc: int) -> tuple[int, int]:
+    """(next target, ReLUs to remove this step): DRC, or exactly what is left so the count lands on the target."""
+    target = next(t for t in targets if t < count)
+    return target, min(int(drc), count - int(target))
+
+
+# ---- the state file ----------------------------------------------------------------------------------------------
+def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict) -> None:
+    """Writes atomically (temp file + rename): a kill leaves either the previous state or this one."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    metadata = {SPEC_KEY: json.dumps(getattr(model, "fastmask_spec", {})), "bcd_state": json.dumps(state)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model: nn.Module, generator: torch.Generator) -> dict:
+    """Loads weights, masks and RNG states into model/generator/torch; returns the JSON state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})["bcd_state"])
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise FastmaskError(f"BCD state {path} is corrupt or was not written by fastmask ({err}); "
+                            "delete it to restart BCD") from err
+    if state.get("version") != STATE_VERSION:
+        raise FastmaskError(f"BCD state {path} has version {state.get('version')}, this fastmask writes "
+                            f"{STATE_VERSION}; delete it to restart BCD")
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    device = next(iter(model.state_dict().values())).device
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True)
+    except RuntimeError as err:
+        raise FastmaskError(f"BCD state {path} was made for another model ({str(err).splitlines()[0]})") from err
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+# ---- the driver --------------------------------------------------------------------------------------------------
+@dataclass
+class BCDResult:
+    history: list[dict]
+    targets: list[dict]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class BCD:
+    """The driver. Training and evaluation come in as callables, so the loop itself knows nothing of datasets:
+
+    finetune(model, step) -> dict with at least "val_acc" (post-finetune validation accuracy, percent);
+    evaluate_target(model) -> dict of metrics saved with a target (val/test accuracy and loss);
+    on_step(record, driver), called after a step's state is written (progress, reports; raising stops the run).
+    """
+
+    def __init__(self, model: nn.Module, config: BCDConfig, images: torch.Tensor, labels: torch.Tensor,
+                 finetune: Callable[[nn.Module, int], dict], out_dir: str | Path, *,
+                 evaluate_target: Optional[Callable[[nn.Module], dict]] = None,
+                 on_step: Optional[Callable[[dict, "BCD"], None]] = None,
+                 log: Callable[[str], None] = print):
+        self.model = model
+        self.config = config
+        self.images = images
+        self.labels = labels
+        self.finetune = finetune
+        self.out_dir = Path(out_dir)
+        self.evaluate_target = evaluate_target or (lambda m: {})
+        self.on_step = on_step
+        self.log = log
+        self.mask_set = MaskSet(model)
+        self.generator = torch.Generator().manual_seed(int(config.seed))
+        self.state_path = self.out_dir / STATE_FILE
+        self.history: list[dict] = []
+        self.targets_done: list[dict] = []
+        self.warned: list[str] = []
+        self.done = False
+
+    @property
+    def step(self) -> int:
+        return len(self.history)
+
+    def _state(self) -> dict:
+        return {"version": STATE_VERSION, "config": self.config.fingerprint(), "history": self.history,
+                "targets": self.targets_done, "warnings": self.warned, "done": self.done}
+
+    def _resume(self) -> None:
+        state = load_state(self.state_path, self.model, self.generator)
+        if state["config"] != self.config.fingerprint():
+            raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
+                                "use the same settings to resume it, or another out dir")
+        self.history, self.targets_done = state["history"], state["targets"]
+        self.warned, self.done = state.get("warnings", []), state["done"]
+        self.log(f"BCD: resuming after step {self.step} at {self.mask_set.count()} ReLUs")
+
+    def run(self, resume: bool = False) -> BCDResult:
+        started = time.perf_counter()
+        if self.state_path.exists():
+            if not resume:
+                raise FastmaskError(f"{self.state_path} already holds a BCD run; pass --resume to continue it")
+            self._resume()
+        self.config.validate(self.mask_set.count() if not self.history else self.history[0]["budget_before"])
+        if any(site.alpha is not None for site in self.mask_set.sites):
+            raise FastmaskError("the model still carries SNL alphas; binarize them before BCD")
+        while not self.done:
+            count = self.mask_set.count()
+            if count <= int(self.config.targets[-1]):
+                self.done = True
+                save_state(self.state_path, self.model, self.generator, self._state())
+                break
+            self._one_step(count)
+        return BCDResult(self.history, self.targets_done, self.warned, time.perf_counter() - started)
+
+    def _warn_once_if_noisy(self, reference: tuple[float, float]) -> float:
+        standard_error = accuracy_standard_error(reference[0], int(self.labels.shape[0]))
+        threshold = NOISE_STANDARD_ERRORS * standard_error
+        if self.config.criterion == "accuracy" and self.config.adt < threshold and not self.warned:
+            message = (f"ADT {self.config.adt} points is below {NOISE_STANDARD_ERRORS:g} standard errors "
+                       f"({threshold:.2f} points) of the {self.labels.shape[0]}-image scoring subset: candidates are "
+                       "chosen on noise; score on more images (--score-subset 0) or use --criterion loss")
+            self.warned.append(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return standard_error
+
+    def _one_step(self, count: int) -> None:
+        import fastmask
+        from .scoring import score_current
+
+        config, step = self.config, self.step + 1
+        target, remove = plan_removal(count, config.targets, config.drc)
+        last_good = copy.deepcopy(self.model.state_dict())
+
+        t0 = time.perf_counter()
+        reference = score_current(self.model, self.images, self.labels, batch_size=config.score_batch_size)
+        standard_error = self._warn_once_if_noisy(reference)
+        # All RT candidates are drawn before scoring, so early stopping never changes what the generator yields next.
+        candidates = [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))]
+        scores = fastmask.score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
+                                           adt=config.adt, criterion=config.criterion,
+                                           batch_size=config.score_batch_size)
+        choice, fallback = choose(scores, reference, config.criterion)
+        drop = float(scores.drop(reference, config.criterion)[choice])
+        self.mask_set.remove(candidates[choice])
+        t1 = time.perf_counter()
+
+        try:
+            tuned = self.finetune(self.model, step) or {}
+        except FastmaskError as err:  # train.TrainingDiverged (NaN/inf loss): go back to the last saved state
+            self.model.load_state_dict(last_good)
+            raise FastmaskError(f"BCD step {step}: finetune failed ({err}); the model is back at its state after "
+                                f"step {step - 1} (saved in {self.state_path}); lower the finetune lr and --resume"
+                                ) from err
+        t2 = time.perf_counter()
+
+        budget = self.mask_set.count()
+        record = {
+            "step": step, "target": int(target), "budget_before": count, "budget_after": budget, "removed": remove,
+            "ref_acc": reference[0], "ref_loss": reference[1], "ref_se_points": standard_error,
+            "scoring_images": int(self.labels.shape[0]), "tries_scored": int(scores.scored), "rt": int(config.rt),
+            "accepted_index": choice, "accepted_drop": drop, "accepted_acc": float(scores.accuracy[choice]),
+            "accepted_loss": float(scores.loss[choice]), "fallback": fallback,
+            "val_acc": tuned.get("val_acc"), "val_loss": tuned.get("val_loss"),
+            "seconds_scoring": t1 - t0, "seconds_finetune": t2 - t1, "seconds": t2 - t0,
+        }
+        self.history.append(record)
+        if budget == target:
+            self._save_target(target)
+        save_state(self.state_path, self.model, self.generator, self._state())
+        val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
+        self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
+                 f"(+-{standard_error:.2f}); {'fallback' if fallback else 'accepted'} drop {drop:+.3f} after "
+                 f"{scores.scored}/{config.rt} tries; val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
+        if self.on_step is not None:
+            self.on_step(record, self)
+
+    def _save_target(self, target: int) -> None:
+        directory = self.out_dir / "targets" / str(target)
+        metrics = dict(self.evaluate_target(self.model))
+        entry = {"budget": int(target), "step": self.step, **metrics, "per_site": self.mask_set.per_site()}
+        save_model(self.model, directory / "model.safetensors", extra={"relu_count": int(target), **metrics})
+        self.mask_set.save(directory / "masks.safetensors")
+        self.targets_done.append(entry)
+        self.log(f"BCD: target {target} reached at step {self.step}: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+# ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
+def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, finetune_config=None,
+            finetune_max_steps: Optional[int] = None, score_subset: int = 0, teacher: Optional[nn.Module] = None,
+            resume: bool = False, on_step=None, progress: bool = True, log: Callable[[str], None] = print
+            ) -> BCDResult:
+    """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
+    step, so a resumed run repeats the same shuffles), evaluates each target on val and test."""
+    from .. import data, train
+
+    if finetune_config is None:
+        finetune_config = train.finetune_config(getattr(model, "fastmask_spec", {}).get("arch", "resnet18"), 20)
+    model.to(device)
+    images, labels = data.scoring_subset(dataset, score_subset, device, seed=config.seed)
+
+    def finetune(m: nn.Module, step: int) -> dict:
+        step_config = dataclasses.replace(finetune_config, seed=int(config.seed) * 1_000_003 + step)
+        rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress,
+                           max_steps=finetune_max_steps)
+        last = rows[-1] if rows else {}
+        if last.get("val_acc") is None:
+            val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
+            return {"val_acc": val_acc, "val_loss": val_loss}
+        return {"val_acc": float(last["val_acc"]), "val_loss": float(last.get("val_loss", float("nan")))}
+
+    def evaluate_target(m: nn.Module) -> dict:
+        val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
+        test_acc, test_loss = train.evaluate(m, dataset.test_x, dataset.test_y, dataset, device)
+        return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
+
+    driver = BCD(model, config, images, labels, finetune, out_dir, evaluate_target=evaluate_target,
+                 on_step=on_step, log=log)
+    return driver.run(resume=resume)

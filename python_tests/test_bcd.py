@@ -1,0 +1,279 @@
+"""The BCD driver (fastmask/search/bcd.py): budgets, acceptance rule, reference re-measurement, determinism, resume.
+
+Tiny models (resnet18 at width 2 on 8x8 inputs, 960 ReLUs) and synthetic data keep this fast; the finetune is a few
+SGD steps that also draw from torch's global RNG, so a resume that forgot to restore that state would be caught.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmask
+import fastmask as fm
+from fastmask.errors import FastmaskError
+from fastmask.masks import MaskSet
+from fastmask.search import bcd, scoring
+from fastmask.search.bcd import BCD, BCDConfig
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return fm.models.create("resnet18", 10, 8, width=2, in_channels=1)
+
+
+@pytest.fixture
+def data():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+
+
+def sgd_finetune(images, labels, calls=None):
+    def finetune(model, step):
+        if calls is not None:
+            calls.append(("finetune", step))
+        generator = torch.Generator().manual_seed(100 + step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model.train()
+        for _ in range(2):
+            index = torch.randperm(len(labels), generator=generator)[:32]
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():  # global RNG on purpose: resume must restore torch's RNG state too
+            model.linear.bias.add_(1e-3 * torch.randn(10).to(model.linear.bias.device))
+        return {"val_acc": 50.0, "val_loss": 2.0}
+    return finetune
+
+
+def run_driver(tmp_path, data, *, targets=(700, 455, 300), drc=100, rt=3, adt=0.3, seed=0, on_step=None,
+               finetune=None, resume=False, model=None, criterion="accuracy"):
+    images, labels = data
+    model = model if model is not None else tiny_model()
+    driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, seed=seed, criterion=criterion),
+                 images, labels, finetune or sgd_finetune(images, labels), tmp_path, on_step=on_step,
+                 log=lambda message: None)
+    with pytest.warns(RuntimeWarning) if not resume else _no_check():
+        result = driver.run(resume=resume)
+    return model, result
+
+
+class _no_check:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def weights_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- budgets ----------------------------------------------------------------------------------------------------
+def test_plan_removal_takes_exactly_what_is_left():
+    assert bcd.plan_removal(960, [700, 300], 100) == (700, 100)
+    assert bcd.plan_removal(760, [700, 300], 100) == (700, 60)
+    assert bcd.plan_removal(700, [700, 300], 100) == (300, 100)
+    assert bcd.plan_removal(350, [700, 300], 500) == (300, 50)
+
+
+def test_count_lands_exactly_on_every_target_and_each_is_saved(tmp_path, data):
+    model, result = run_driver(tmp_path, data)
+    assert MaskSet(model).count() == 300
+    assert [t["budget"] for t in result.targets] == [700, 455, 300]
+    removed = [r["removed"] for r in result.history]
+    # 960 -> 700: 100, 100, 60; 700 -> 455: 100, 100, 45; 455 -> 300: 100, 55
+    assert removed == [100, 100, 60, 100, 100, 45, 100, 55]
+    for r in result.history:
+        assert r["budget_before"] - r["budget_after"] == r["removed"]
+        assert r["tries_scored"] >= 1 and r["accepted_index"] < r["tries_scored"]
+    for target in result.targets:
+        folder = tmp_path / "targets" / str(target["budget"])
+        saved = fm.checkpoint.load_model(folder / "model.safetensors")
+        assert fm.relu_count(saved) == target["budget"]
+        masks = MaskSet(tiny_model())
+        masks.load(folder / "masks.safetensors")
+        assert masks.count() == target["budget"]
+        assert (folder / "masks.safetensors.json").is_file()
+
+
+def test_validate_rejects_bad_configs():
+    for config, start in [(BCDConfig(targets=[900, 950]), 960), (BCDConfig(targets=[960]), 960),
+                          (BCDConfig(targets=[500], drc=0), 960), (BCDConfig(targets=[500], rt=-1), 960),
+                          (BCDConfig(targets=[500], adt=-0.1), 960), (BCDConfig(targets=[500], adt=math.nan), 960),
+                          (BCDConfig(targets=[]), 960), (BCDConfig(targets=[500], criterion="f1"), 960)]:
+        with pytest.raises(FastmaskError):
+            config.validate(start)
+    BCDConfig(targets=[959, 0]).validate(960)
+
+
+# ---- the acceptance rule ----------------------------------------------------------------------------------------
+def scores(acc, loss, scored=None, accepted=None):
+    k = len(acc)
+    scored = k if scored is None else scored
+    accuracy = torch.tensor([a if i < scored else math.nan for i, a in enumerate(acc)], dtype=torch.float64)
+    losses = torch.tensor([v if i < scored else math.nan for i, v in enumerate(loss)], dtype=torch.float64)
+    return scoring.HypothesisScores(accuracy=accuracy, loss=losses, correct=torch.zeros(k, dtype=torch.int64),
+                                    scored=scored, accepted=accepted)
+
+
+def test_choose_accepted_vs_fallback_argmin_with_loss_tiebreak():
+    reference = (80.0, 1.0)
+    assert bcd.choose(scores([70, 79.9, 60], [2, 1, 3], scored=2, accepted=1), reference, "accuracy") == (1, False)
+    # no candidate under ADT: smallest drop; 78 twice, the lower loss wins
+    assert bcd.choose(scores([70, 78, 78, 60], [2, 1.5, 1.2, 3]), reference, "accuracy") == (2, True)
+    # the loss criterion: drop = loss - reference loss
+    assert bcd.choose(scores([70, 78, 60], [1.9, 1.4, 1.6]), reference, "loss") == (1, True)
+
+
+@pytest.mark.parametrize("accepted", [None, 2])
+def test_driver_applies_the_chosen_candidate(tmp_path, data, monkeypatch, accepted):
+    """Scripted scores: the driver removes exactly the candidate the rule picks, and passes reference/adt/criterion
+    to score_hypotheses."""
+    seen = {}
+
+    def fake_score(model, candidates, images, labels, *, reference=None, adt=None, criterion="accuracy", **kw):
+        seen.update(candidates=[c.clone() for c in candidates], reference=reference, adt=adt, criterion=criterion)
+        # candidate 3 has the smallest drop (fallback); candidate 2 is "under ADT" when the script says so
+        return scores([50, 40, 45, 55, 30], [2, 2, 2, 1.8, 2.5], accepted=accepted,
+                      scored=3 if accepted is not None else 5)
+
+    monkeypatch.setattr(fastmask, "score_hypotheses", fake_score)
+    monkeypatch.setattr(scoring, "score_current", lambda *a, **k: (60.0, 1.5))
+    images, labels = data
+    model = tiny_model()
+    before = MaskSet(model).flat()
+    driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=5, adt=0.3, criterion="accuracy"), images, labels,
+                 lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    removed = (before & ~MaskSet(model).flat()).nonzero().squeeze(1)
+    expected = 2 if accepted is not None else 3
+    assert torch.equal(removed, seen["candidates"][expected])
+    assert seen["reference"] == (60.0, 1.5) and seen["adt"] == 0.3 and seen["criterion"] == "accuracy"
+    assert len(seen["candidates"]) == 5 and all(c.numel() == 60 for c in seen["candidates"])
+    record = result.history[0]
+    assert record["fallback"] is (accepted is None)
+    assert record["accepted_drop"] == pytest.approx(60.0 - (45 if accepted is not None else 55))
+    assert record["tries_scored"] == (3 if accepted is not None else 5)
+
+
+def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):
+    events = []
+    real_score_current = scoring.score_current
+
+    def counting_score_current(model, images, labels, **kwargs):
+        events.append(("reference", fm.relu_count(model)))
+        return real_score_current(model, images, labels, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_current", counting_score_current)
+    images, labels = data
+    model, result = run_driver(tmp_path, data, targets=(760,), finetune=sgd_finetune(images, labels, events))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["reference", "finetune"] * 2
+    # each reference is measured on the model as it stands after the previous step's finetune
+    assert [count for kind, count in events if kind == "reference"] == [960, 860]
+    assert [r["budget_before"] for r in result.history] == [960, 860]
+
+
+def test_warns_once_when_adt_is_below_the_scoring_noise(tmp_path, data):
+    images, labels = data
+    driver = BCD(tiny_model(), BCDConfig(targets=[760], drc=100, rt=2, adt=0.3), images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning, match="standard errors") as caught:
+        result = driver.run()
+    assert len([w for w in caught if "standard errors" in str(w.message)]) == 1
+    assert len(result.warnings) == 1
+    assert all(r["ref_se_points"] == pytest.approx(bcd.accuracy_standard_error(r["ref_acc"], 64))
+               for r in result.history)
+
+
+# ---- determinism and resume -------------------------------------------------------------------------------------
+def test_same_seed_same_masks_bit_for_bit(tmp_path, data):
+    a, _ = run_driver(tmp_path / "a", data, targets=(700,), seed=3)
+    b, _ = run_driver(tmp_path / "b", data, targets=(700,), seed=3)
+    c, _ = run_driver(tmp_path / "c", data, targets=(700,), seed=4)
+    assert torch.equal(MaskSet(a).flat(), MaskSet(b).flat()) and weights_equal(a, b)
+    assert not torch.equal(MaskSet(a).flat(), MaskSet(c).flat())
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["after_state_written", "during_finetune"])
+def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, where):
+    images, labels = data
+    reference, full = run_driver(tmp_path / "full", data)
+
+    kill_step = 4  # the step that reaches target 700 is 3: the kill lands after a target was saved
+    plain = sgd_finetune(images, labels)
+
+    def on_step(record, driver):
+        if where == "after_state_written" and record["step"] == kill_step:
+            raise Killed()
+
+    def finetune(model, step):
+        if where == "during_finetune" and step == kill_step:
+            plain(model, step)  # half done: weights changed, then the process dies
+            raise Killed()
+        return plain(model, step)
+
+    with pytest.raises(Killed):
+        run_driver(tmp_path / "killed", data, on_step=on_step, finetune=finetune)
+    torch.manual_seed(12345)  # a new process: the global RNG is wherever it is
+    resumed, result = run_driver(tmp_path / "killed", data, finetune=plain, resume=True, model=tiny_model(seed=7))
+    assert torch.equal(MaskSet(resumed).flat(), MaskSet(reference).flat())
+    assert weights_equal(resumed, reference)
+    assert [r["budget_after"] for r in result.history] == [r["budget_after"] for r in full.history]
+    assert [t["budget"] for t in result.targets] == [700, 455, 300]
+
+
+def test_existing_state_needs_resume_and_the_same_settings(tmp_path, data):
+    run_driver(tmp_path, data, targets=(860,))
+    images, labels = data
+    with pytest.raises(FastmaskError, match="--resume"):
+        BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3), images, labels, sgd_finetune(images, labels),
+            tmp_path, log=lambda m: None).run()
+    with pytest.raises(FastmaskError, match="another run"):
+        BCD(tiny_model(), BCDConfig(targets=[860], drc=50, rt=3), images, labels, sgd_finetune(images, labels),
+            tmp_path, log=lambda m: None).run(resume=True)
+
+
+def test_diverged_finetune_restores_the_last_good_state_and_stops(tmp_path, data):
+    from fastmask.train import TrainingDiverged
+
+    images, labels = data
+    plain = sgd_finetune(images, labels)
+
+    def finetune(model, step):
+        if step == 2:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(math.nan)
+            raise TrainingDiverged("loss is nan")
+        return plain(model, step)
+
+    model = tiny_model()
+    with pytest.raises(FastmaskError, match="finetune failed"):
+        run_driver(tmp_path, data, finetune=finetune, model=model)
+    after_step_one = tiny_model()
+    bcd.load_state(tmp_path / bcd.STATE_FILE, after_step_one, torch.Generator())
+    assert weights_equal(model, after_step_one)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_driver_on_cuda_lands_on_the_target(tmp_path, data):
+    images, labels = (t.cuda() for t in data)
+    model = tiny_model().cuda()
+    driver = BCD(model, BCDConfig(targets=[700], drc=100, rt=4, adt=0.3), images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    assert MaskSet(model).count() == 700 and [t["budget"] for t in result.targets] == [700]

@@ -1,0 +1,88 @@
+"""The build: setup.py finds the CUDA toolkit behind nvcc wrappers and symlinks, and the extension has the parts
+the build environment asked for."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmask.ops import backends
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    spec = importlib.util.spec_from_file_location("fastmask_setup_py", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs under __main__
+    return module
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def fake_toolkit(tmp_path):
+    """A toolkit folder whose bin/nvcc answers a dry run the way the real one does ("#$ TOP=<bin>/..")."""
+    root = tmp_path / "cuda-99.0"
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "bin").mkdir()
+    executable(root / "bin" / "nvcc", f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\necho "#$ TOP={root}/bin/.."\n')
+    return root
+
+
+def test_toolkit_behind_wrapper_script(setup_py, fake_toolkit, tmp_path):
+    wrapper = executable(tmp_path / "nvcc", f'#!/bin/sh\nexec {fake_toolkit}/bin/nvcc "$@"\n')
+    assert setup_py.toolkit_from_nvcc(str(wrapper)) == os.path.realpath(fake_toolkit)
+
+
+def test_toolkit_behind_symlink(setup_py, fake_toolkit, tmp_path):
+    link = tmp_path / "links" / "nvcc"
+    link.parent.mkdir()
+    link.symlink_to(fake_toolkit / "bin" / "nvcc")
+    assert setup_py.toolkit_from_nvcc(str(link)) == os.path.realpath(fake_toolkit)
+
+
+def test_no_toolkit_behind_silent_wrapper(setup_py, tmp_path):
+    wrapper = executable(tmp_path / "nvcc", "#!/bin/sh\nexit 1\n")
+    assert setup_py.toolkit_from_nvcc(str(wrapper)) is None
+
+
+def test_cuda_home_env_wins_when_it_is_a_toolkit(setup_py, fake_toolkit, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit))
+    silent = executable(tmp_path / "nvcc", "#!/bin/sh\nexit 1\n")
+    assert setup_py.resolve_cuda_home(str(silent)) == os.path.realpath(fake_toolkit)
+    assert setup_py.find_nvcc() == str(fake_toolkit / "bin" / "nvcc")
+
+
+def test_extension_has_the_parts_the_build_asked_for():
+    """CI exports FASTMASK_BUILD_CUDA=1 for the build and the tests: the CUDA kernels must then be compiled in."""
+    wanted = os.environ.get("FASTMASK_BUILD_CUDA", "").strip()
+    if os.environ.get("FASTMASK_BUILD_EXT", "").strip() == "0":
+        assert backends.extension() is None
+        return
+    ext = backends.extension()
+    assert ext is not None, backends.extension_status()
+    if wanted == "1":
+        assert ext.built_with_cuda()
+    elif wanted == "0":
+        assert not ext.built_with_cuda()
+    assert hasattr(torch.ops.fastmask_C, "masked_act_fwd") and hasattr(torch.ops.fastmask_C, "masked_act_bwd")
+
+
+@pytest.mark.cuda
+def test_gpu_machine_gets_cuda_kernels():
+    if os.environ.get("FASTMASK_BUILD_CUDA", "").strip() == "0":
+        pytest.skip("FASTMASK_BUILD_CUDA=0: built without CUDA on purpose")
+    ext = backends.extension()
+    assert ext is not None and ext.built_with_cuda(), "rebuild on this machine with nvcc on PATH"
+    assert backends.select("cuda") == backends.EXT or os.environ.get("FASTMASK_BACKEND")

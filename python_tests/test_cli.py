@@ -1,0 +1,132 @@
+"""fastmask-linearize (fastmask/cli.py): every bad input fails in one line with nothing written; a tiny run makes
+every output; config precedence (defaults < YAML < flags); --resume of a finished run changes nothing."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fastmask as fm
+from fastmask import cli
+from fastmask.checkpoint import save_model
+
+# digits at width 4: 7,680 ReLUs; everything tiny so a whole run takes seconds.
+TINY = ["--width", "4", "--baseline-epochs", "1", "--ref-budget", "3000", "--targets", "2600,2200", "--drc", "400",
+        "--rt", "2", "--finetune-epochs", "1", "--snl-epochs", "1", "--snl-finetune-epochs", "0",
+        "--score-subset", "128", "--adt", "5", "--quiet"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def other_run(tmp_path) -> Path:
+    """An out dir that already holds a different run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "targets": [1000], "drc": 7}))
+    (out / "steps.csv").write_text("step\n1\n")
+    return out
+
+
+def checkpoint_of(tmp_path, arch="resnet18", classes=10, width=4) -> Path:
+    path = tmp_path / f"{arch}_{classes}_{width}.safetensors"
+    save_model(fm.models.create(arch, classes, 16, width=width, in_channels=1), path)
+    return path
+
+
+def fails(argv, capsys, other_run, expected: str) -> None:
+    before = snapshot(other_run)
+    code = cli.main(argv + ["--out", str(other_run)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("fastmask-linearize: error: "), err
+    assert expected.lower() in err.lower(), err
+    assert snapshot(other_run) == before
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--ref-budget", "9000", "--targets", "8000"], "at or above the ReLU count"),
+    (["--targets", "3500"], "at or above the reference budget"),
+    (["--drc", "0"], "drc must be > 0"),
+    (["--rt", "-2"], "rt must be > 0"),
+    (["--finetune-epochs", "0"], "finetune-epochs must be > 0"),
+    (["--adt", "-0.5"], "adt must be >= 0"),
+    (["--targets", "1000,2000"], "strictly descending"),
+    (["--targets", "1000,1000"], "strictly descending"),
+    (["--dataset", "imagenet-42"], "unknown dataset"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/fastmask-data", "--targets", "10"], "does not exist"),
+    (["--checkpoint", "/nonexistent/model.safetensors"], "does not exist"),
+    (["--criterion", "f1"], "invalid choice"),
+    ([], "holds a different run"),
+])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(argv, expected, capsys, other_run):
+    fails(["--width", "4"] + argv, capsys, other_run, expected)
+
+
+def test_checkpoint_of_another_arch_or_class_count_or_corrupt(tmp_path, capsys, other_run):
+    wrn = checkpoint_of(tmp_path, arch="wide_resnet22_8", width=8)
+    fails(["--checkpoint", str(wrn), "--arch", "resnet18"], capsys, other_run, "arch")
+    five = checkpoint_of(tmp_path, classes=5)
+    fails(["--checkpoint", str(five)], capsys, other_run, "num_classes")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    fails(["--checkpoint", str(corrupt)], capsys, other_run, "corrupt")
+
+
+def test_yaml_values_hold_unless_a_flag_overrides(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"drc": 123, "rt": 9, "targets": "2500,1000", "width": 4}))
+    plan = cli.prepare(["--config", str(config_file), "--rt", "4", "--out", str(tmp_path / "o")])
+    assert plan.config["drc"] == 123  # not reset by the flag default
+    assert plan.config["rt"] == 4  # the flag wins
+    assert plan.config["targets"] == [2500, 1000] and plan.config["width"] == 4
+    assert plan.config["adt"] == 1.0  # the digits demo default fills what neither gave
+    assert not (tmp_path / "o").exists()  # preparing writes nothing
+
+
+def test_unknown_yaml_setting_is_an_error(tmp_path, capsys, other_run):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("dcr: 10\n")
+    fails(["--config", str(config_file)], capsys, other_run, "unknown settings")
+
+
+def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(TINY + ["--out", str(out)]) == 0
+    expected = ["config.yaml", "steps.csv", "summary.json", "checkpoints/last.pt", "baseline/model.safetensors",
+                "snl/model.safetensors", "plots/accuracy_vs_budget.png", "plots/accepted_drop.png"]
+    for budget in (2600, 2200):
+        expected += [f"targets/{budget}/model.safetensors", f"targets/{budget}/masks.safetensors",
+                     f"targets/{budget}/masks.safetensors.json", f"plots/per_site_{budget}.png"]
+    for name in expected:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    rows = list(csv.DictReader((out / "steps.csv").open()))
+    assert [int(r["budget_after"]) for r in rows] == [2600, 2200]
+    assert all(r["ref_acc"] and r["tries_scored"] and r["val_acc"] and r["seconds"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["budget"] for t in summary["targets"]] == [2600, 2200]
+    assert all(0 <= t["test_acc"] <= 100 and 0 <= t["val_acc"] <= 100 for t in summary["targets"])
+    assert summary["snl"]["budget"] == 3000 and summary["start"]["relu_count"] == 3000
+    model = fm.checkpoint.load_model(out / "targets" / "2200" / "model.safetensors")
+    assert fm.relu_count(model) == 2200
+    assert yaml.safe_load((out / "config.yaml").read_text())["targets"] == [2600, 2200]
+
+    masks_before = (out / "targets/2200/masks.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli.main(TINY + ["--out", str(out), "--resume"]) == 0
+    assert "baseline: loaded" in capsys.readouterr().out
+    assert (out / "targets/2200/masks.safetensors").read_bytes() == masks_before
+    # the same run again without --resume is refused
+    assert cli.main(TINY + ["--out", str(out)]) != 0
+
+
+def test_python_dash_m_entry_point_exists():
+    import fastmask.__main__ as entry
+
+    assert entry.main is cli.main
