@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -64,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings are advice to the user (e.g. ADT below the scoring noise): one line, no source excerpt."""
+    return f"[{PROG}] warning: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        run(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():
+            warnings.formatwarning = _one_line_warning
+            run(list(sys.argv[1:] if argv is None else argv))
     except FastmaskError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -11,6 +11,7 @@ import yaml
 
 import fastmask as fm
 from fastmask import cli
+from fastmask import config as settings
 from fastmask.checkpoint import save_model
 
 # digits at width 4: 7,680 ReLUs; everything tiny so a whole run takes seconds.
@@ -85,7 +86,7 @@ def test_yaml_values_hold_unless_a_flag_overrides(tmp_path):
     assert plan.config["drc"] == 123  # not reset by the flag default
     assert plan.config["rt"] == 4  # the flag wins
     assert plan.config["targets"] == [2500, 1000] and plan.config["width"] == 4
-    assert plan.config["adt"] == 1.0  # the digits demo default fills what neither gave
+    assert plan.config["adt"] == settings.DIGITS["adt"]  # the digits demo default fills what neither gave
     assert not (tmp_path / "o").exists()  # preparing writes nothing
 
 
