@@ -29,6 +29,10 @@ struct MaskedActLayout {
 MaskedActLayout check_masked_act(const char* op, const at::Tensor& x, const at::Tensor& mask,
                                  const std::optional<at::Tensor>& coeffs);
 
+// check_masked_act plus the checks of the incoming gradient (same shape and device as x), for the backward.
+MaskedActLayout check_masked_act_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
+                                          const std::optional<at::Tensor>& coeffs);
+
 // The dtype the arithmetic runs in: fp32, or fp64 for an fp64 x.
 at::ScalarType accumulate_type(at::ScalarType x_type);
 

@@ -37,4 +37,12 @@ MaskedActLayout check_masked_act(const char* op, const at::Tensor& x, const at::
   return layout;
 }
 
+MaskedActLayout check_masked_act_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
+                                          const std::optional<at::Tensor>& coeffs) {
+  const MaskedActLayout layout = check_masked_act("masked_act_bwd", x, mask, coeffs);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_act_bwd: grad shape ", grad.sizes(), " differs from x ", x.sizes());
+  TORCH_CHECK(grad.device() == x.device(), "masked_act_bwd: grad is on ", grad.device(), " but x is on ", x.device());
+  return layout;
+}
+
 }  // namespace fastmask

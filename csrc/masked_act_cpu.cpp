@@ -169,11 +169,7 @@ at::Tensor masked_act_fwd_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
 std::tuple<at::Tensor, at::Tensor> masked_act_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                       const at::Tensor& mask_in,
                                                       const std::optional<at::Tensor>& coeffs) {
-  const MaskedActLayout layout = check_masked_act("masked_act_bwd", x_in, mask_in, coeffs);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "masked_act_bwd: grad shape ", grad_in.sizes(), " differs from x ",
-              x_in.sizes());
-  TORCH_CHECK(grad_in.device() == x_in.device(), "masked_act_bwd: grad is on ", grad_in.device(), " but x is on ",
-              x_in.device());
+  const MaskedActLayout layout = check_masked_act_backward(grad_in, x_in, mask_in, coeffs);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const at::Tensor mask = mask_in.contiguous();

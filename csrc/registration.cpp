@@ -15,8 +15,7 @@ at::Tensor masked_act_fwd_meta(const at::Tensor& x, const at::Tensor& mask, cons
 std::tuple<at::Tensor, at::Tensor> masked_act_bwd_meta(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& mask,
                                                        const std::optional<at::Tensor>& coeffs) {
-  check_masked_act("masked_act_bwd", x, mask, coeffs);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_act_bwd: grad shape ", grad.sizes(), " differs from x ", x.sizes());
+  check_masked_act_backward(grad, x, mask, coeffs);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor dcoeffs = coeffs.has_value() ? at::empty_like(*coeffs, at::MemoryFormat::Contiguous)
                                           : at::empty({0}, x.options().dtype(at::kFloat));
