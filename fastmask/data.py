@@ -5,13 +5,17 @@ The val split is carved from the train split by a seed, so model selection never
 
 Names understood by load_dataset:
 - "cifar10", "cifar100": torchvision's CIFAR files in data_dir (downloaded there when possible).
-- "tinyimagenet": the standard tiny-imagenet-200 folder (its val folder, labelled, is our test split).
+- "tinyimagenet": the standard tiny-imagenet-200 folder (its val folder, labelled, is our test split). Decoded
+  images are cached as .npy in decode_cache_dir(), keyed by every file's path, size and mtime.
 - "npz:<path>" or any path ending in .npz: x_train, y_train, x_test, y_test (uint8 NHWC or NHW), optional classes.
 - "digits": the offline default, scikit-learn's 1,797 real 8x8 grayscale digits upsampled to 16x16.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,17 +104,18 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tenso
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of uint8 images in [0, 1] units, summed in float64 chunks to bound memory."""
+    """Per-channel mean and std of uint8 images in [0, 1] units, from per-channel histograms of the 256 byte values:
+    exact, and an order of magnitude faster than summing float64 copies of the pixels (seconds on TinyImageNet)."""
     channels = x.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, x.shape[0], 4096):
-        chunk = x[start:start + 4096].to(torch.float64) / 255.0
-        total += chunk.sum(dim=(0, 2, 3))
-        total_sq += (chunk * chunk).sum(dim=(0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    histogram = torch.zeros(channels, 256, dtype=torch.int64)
+    for start in range(0, x.shape[0], 4096):  # chunks bound the per-channel copies that bincount needs
+        chunk = x[start:start + 4096]
+        for c in range(channels):
+            histogram[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    count = histogram.sum(dim=1).to(torch.float64)
+    mean = (histogram * values).sum(dim=1) / count
+    std = ((histogram * values * values).sum(dim=1) / count - mean * mean).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -199,7 +204,56 @@ def _tinyimagenet_root(data_dir: Optional[str]) -> Path:
                         "or pass --data-dir")
 
 
-def _read_images(paths: list[Path]) -> np.ndarray:
+def _read_images(paths: list[Path], cache_key: str) -> np.ndarray:
+    """Decoded images, from the decode cache when the files are unchanged since they were cached (cache_key names the
+    folder and split). TinyImageNet's 110k JPEGs take minutes to decode; the cached array loads in seconds."""
+    cache = _decode_cache_path(paths, cache_key)
+    if cache is not None and cache.is_file():
+        try:
+            return np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):  # a truncated or foreign file: decode again and overwrite it
+            pass
+    images = _decode_images(paths)
+    if cache is not None:
+        _write_decode_cache(cache, images)
+    return images
+
+
+def decode_cache_dir() -> Optional[Path]:
+    """FASTMASK_CACHE_DIR, else $XDG_CACHE_HOME/fastmask or ~/.cache/fastmask; None when FASTMASK_CACHE_DIR=none."""
+    configured = os.environ.get("FASTMASK_CACHE_DIR")
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "none", "0", "off") else Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastmask"
+
+
+def _decode_cache_path(paths: list[Path], cache_key: str) -> Optional[Path]:
+    base = decode_cache_dir()
+    if base is None:
+        return None
+    # The file name holds a digest of every file's path, size and mtime: any change to the folder is a new file.
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return base / f"{cache_key}-{digest.hexdigest()[:20]}.npy"
+
+
+def _write_decode_cache(cache: Path, images: np.ndarray) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.npy"):
+            stale.unlink()  # an older decode of the same folder and split
+        partial = cache.with_suffix(f".partial{os.getpid()}")
+        with open(partial, "wb") as f:
+            np.save(f, images, allow_pickle=False)
+        os.replace(partial, cache)  # readers never see a half-written file
+    except OSError as error:
+        warnings.warn(f"could not write the decode cache {cache} ({error}); set FASTMASK_CACHE_DIR to a writable "
+                      "folder to load faster next time", stacklevel=3)
+
+
+def _decode_images(paths: list[Path]) -> np.ndarray:
     """Decodes image files to one uint8 N x H x W x 3 array; every image is resized to the first one's size."""
     from PIL import Image
 
@@ -257,8 +311,9 @@ def _load_tinyimagenet(data_dir: Optional[str]):
     if absent or not test_paths:
         raise FastmaskError(f"TinyImageNet folder {root}: val/images lacks {len(absent)} images listed in "
                             f"val_annotations.txt (e.g. {absent[0].name if absent else 'all'}); re-extract it")
-    train_x = _nhwc_to_tensor(_read_images(train_paths))
-    test_x = _nhwc_to_tensor(_read_images(test_paths))
+    folder_key = "tinyimagenet-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    train_x = _nhwc_to_tensor(_read_images(train_paths, folder_key + "-train"))
+    test_x = _nhwc_to_tensor(_read_images(test_paths, folder_key + "-test"))
     if test_x.shape[1:] != train_x.shape[1:]:
         test_x = F.interpolate(test_x.float(), size=train_x.shape[-2:], mode="bilinear",
                                align_corners=False).round().clamp(0, 255).to(torch.uint8)

@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `cuda` marker, whose tests skip cleanly on a machine without a CUDA GPU."""
+"""Shared pytest setup: the `cuda` marker, whose tests skip cleanly on a machine without a CUDA GPU, and a private
+decode cache so tests never write to the user's ~/.cache."""
 import pytest
 import torch
 
@@ -14,3 +15,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def private_decode_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMASK_CACHE_DIR", str(tmp_path / "fastmask-cache"))

@@ -133,6 +133,40 @@ def test_synthetic_tinyimagenet(tmp_path, point_at):
         assert torch.equal(dominant, y)
 
 
+def test_tinyimagenet_decode_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder = make_tinyimagenet(tmp_path)
+    first = data.load_dataset("tinyimagenet", data_dir=str(folder), val_size=3, seed=0)
+    cached = sorted(p.name for p in data.decode_cache_dir().iterdir())
+    assert len(cached) == 2 and all(p.endswith(".npy") for p in cached)  # train and test
+
+    decoded = []
+    real_decode = data._decode_images
+    monkeypatch.setattr(data, "_decode_images", lambda paths: decoded.append(len(paths)) or real_decode(paths))
+    again = data.load_dataset("tinyimagenet", data_dir=str(folder), val_size=3, seed=0)
+    assert decoded == []  # both splits came from the cache
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(first, f"{split}_x"), getattr(again, f"{split}_x"))
+
+    # a re-extracted image (new content, new mtime) must be decoded again, and the stale cache file replaced
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(folder / "train" / "n01" / "images" / "n01_0.JPEG", quality=100)
+    changed = data.load_dataset("tinyimagenet", data_dir=str(folder), val_size=0, seed=0)
+    assert decoded == [12]  # train only: the test split's files did not change
+    blue = changed.train_x.float().mean(dim=(2, 3)).argmax(dim=1) == 2
+    assert int(blue.sum()) == 5  # n03's four, plus the re-extracted n01 image: its new pixels, not the cached red
+    assert sorted(p.name for p in data.decode_cache_dir().iterdir()) != cached
+    assert len(list(data.decode_cache_dir().iterdir())) == 2
+
+
+def test_decode_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMASK_CACHE_DIR", "none")
+    assert data.decode_cache_dir() is None
+    folder = make_tinyimagenet(tmp_path)
+    ds = data.load_dataset("tinyimagenet", data_dir=str(folder), val_size=3, seed=0)
+    assert len(ds.test_y) == 6
+
+
 def test_tinyimagenet_missing_folder(tmp_path):
     with pytest.raises(FastmaskError, match="tiny-imagenet-200") as info:
         data.load_dataset("tinyimagenet", data_dir=str(tmp_path))
@@ -274,3 +308,12 @@ def test_batches_on_cuda_match_cpu(digits):
     for (cpu_x, cpu_y), (gpu_x, gpu_y) in zip(on_cpu, on_gpu):
         assert gpu_x.is_cuda and torch.equal(gpu_y.cpu(), cpu_y)
         torch.testing.assert_close(gpu_x.cpu(), cpu_x)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (4100, 1, 2, 3)])  # the second crosses a 4096-image chunk
+def test_channel_stats_equal_a_float64_computation(shape):
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pixels = x.to(torch.float64).transpose(0, 1).reshape(shape[1], -1) / 255
+    mean, std = data.channel_stats(x)
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), pixels.mean(dim=1))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), pixels.std(dim=1, unbiased=False))
