@@ -255,10 +255,27 @@ def test_memory_budget_sets_the_chunk():
     per_candidate_mb = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
     recorder = BatchRecorder(model)
     try:
-        score_hypotheses(model, candidates, images, labels, memory_budget_mb=3.5 * per_candidate_mb)
+        score_hypotheses(model, candidates, images, labels, memory_budget_mb=7 * per_candidate_mb)
     finally:
         recorder.close()
-    assert recorder.sizes[0] == [24, 24], "3 candidates per chunk fit a 3.5-candidate budget"
+    assert recorder.sizes[0] == [24, 24], "3 candidates per chunk fit the 3.5-candidate half of the budget"
+
+
+def test_memory_budget_counts_a_stride_2_blocks_input_and_the_kept_prefix():
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    # site 5 is in layer2[0] (block 2; stride 2, 8 x 4 x 4 = 128 elements): blocks 0 and 1 are shared, and block 2's
+    # input, repeated K times, is layer1's output of 4 x 8 x 8 = 256 elements per image
+    candidates = sample_candidates(model, 8, size=20, sites=[5])
+    per_candidate_mb = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
+    recorder = BatchRecorder(model)
+    try:
+        # half of 7 candidates' worth goes to the kept prefix outputs, so 3 candidates per chunk
+        score_hypotheses(model, candidates, images, labels, memory_budget_mb=7 * per_candidate_mb)
+    finally:
+        recorder.close()
+    assert recorder.sizes[0] == [8] and recorder.sizes[1] == [8], "layer1 runs once, at batch N"
+    assert recorder.sizes[2] == [24, 24, 16]
 
 
 # ---- early stop ----------------------------------------------------------------------------------------------------

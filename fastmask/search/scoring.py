@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import FastmaskError
 from ..masks import MaskSet
+from ..ops import backends
 from . import fused_forward
 
 CRITERIA = ("accuracy", "loss")
@@ -116,7 +117,8 @@ def _check_model(mask_set: MaskSet) -> None:
 
 def _use_fused(fused: Optional[bool], device: torch.device) -> bool:
     if fused is None:
-        return device.type == "cuda" and fused_forward.available()
+        # Without Triton the fused op falls back to separate torch ops: slower than cuDNN BN + the CUDA kernel.
+        return device.type == "cuda" and fused_forward.available() and backends.triton_supports("cuda")
     if fused and not fused_forward.available():
         raise FastmaskError(f"fused scoring needs fastmask.ops.conv_bn_act, which is unavailable here "
                             f"({fused_forward.unavailable_reason()}); pass fused=False")
@@ -187,7 +189,8 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
 
     With `reference` (accuracy, loss of the current masks) and `adt`, chunks are scored in order and scoring
     stops after the first chunk holding a candidate whose drop < adt; `accepted` is the first such index.
-    `memory_budget_mb` bounds one chunk's activations (default: half the free GPU memory, or 512 MB on the CPU);
+    `memory_budget_mb` bounds one chunk's activations plus the kept outputs of the shared prefix (half each when
+    there is a prefix; default: half the free GPU memory, or 512 MB on the CPU);
     `fused` runs blocks through fastmask.ops.conv_bn_act (None: on CUDA when available); `chunk_size` caps the
     candidates per chunk below what the budget allows.
     The model's masks and train/eval flags are as they were on return.
@@ -214,12 +217,15 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
     stages = _Stages(model, mask_set, _use_fused(fused, device))
     batch_n = min(batch_size, images.shape[0])
     shared_from = stages.first_stage(_touched_sites(mask_set, candidates))
-    chunk = _chunk_size(mask_set, stages, images, shared_from, batch_n, device, memory_budget_mb)
+    # One budget for both: the kept prefix outputs stay allocated while every chunk runs.
+    budget = _budget_bytes(device, memory_budget_mb)
+    chunk_budget = budget if shared_from == 0 else budget / 2
+    chunk = _chunk_size(mask_set, stages, images, shared_from, batch_n, chunk_budget)
     if chunk_size is not None:
         if chunk_size < 1:
             raise FastmaskError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = min(chunk, chunk_size)
-    prefix_cache = _PrefixCache(stages, shared_from, images, labels, batch_size, device, memory_budget_mb)
+    prefix_cache = _PrefixCache(stages, shared_from, images, labels, batch_size, device, budget - chunk_budget)
 
     try:
         with _ScoringMode(model), torch.inference_mode():
@@ -272,10 +278,10 @@ class _PrefixCache:
     """Outputs of the shared stages per image batch: computed once and kept when they fit the budget, else recomputed
     for each chunk (only when early stop did not end the scoring first)."""
 
-    def __init__(self, stages: _Stages, shared_from: int, images, labels, batch_size, device, budget_mb):
+    def __init__(self, stages: _Stages, shared_from: int, images, labels, batch_size, device, budget_bytes: float):
         self.stages, self.shared_from = stages, shared_from
         self.images, self.labels, self.batch_size, self.device = images, labels, batch_size, device
-        self.budget_bytes = _budget_bytes(device, budget_mb)
+        self.budget_bytes = budget_bytes
         self.kept: Optional[list] = None
         self.too_big = shared_from == 0  # nothing to share: the batches are just the images
 
@@ -316,15 +322,17 @@ def _budget_bytes(device: torch.device, budget_mb: Optional[float]) -> float:
 
 
 def _chunk_size(mask_set: MaskSet, stages: _Stages, images: torch.Tensor, shared_from: int, batch_n: int,
-                device: torch.device, budget_mb: Optional[float]) -> int:
+                budget_bytes: float) -> int:
     """Candidates per chunk: the largest K whose activations (largest activation after the prefix x K x batch x
     the activations live at once) fit the budget; at least 1.
 
-    The largest activation is read off the masked sites of the stages after the prefix: in our models every block's
-    input and output has the shape of a site inside it, so no probe forward is needed."""
+    The largest activation is read off the masked sites from the last shared stage on: in our models every block's
+    output has the shape of a site inside it, and its input the shape of a site of the stage before (a stride-2
+    block's input is twice its sites' size), so no probe forward is needed."""
+    first = max(shared_from - 1, 0)
     elements = max((site.mask.numel() for site, stage in zip(mask_set.sites, stages.site_stage)
-                    if stage >= shared_from), default=images[0].numel())
+                    if stage >= first), default=images[0].numel())
     bytes_per_candidate = LIVE_ACTIVATIONS * elements * images.element_size() * batch_n
-    by_budget = int(_budget_bytes(device, budget_mb) // max(1, bytes_per_candidate))
+    by_budget = int(budget_bytes // max(1, bytes_per_candidate))
     by_indexing = MAX_ELEMENTS_PER_TENSOR // max(1, elements * batch_n)  # 32-bit indexing in library kernels
     return max(1, min(by_budget, by_indexing))

@@ -154,7 +154,16 @@ def _precision(x: torch.Tensor) -> str:
     """fp32 dots: exact under the interpreter; on the GPU follow torch's own conv setting (tf32 by default)."""
     if x.dtype != torch.float32 or interpreting() or x.device.type != "cuda":
         return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if cudnn_conv_allows_tf32() else "ieee"
+
+
+def cudnn_conv_allows_tf32() -> bool:
+    """torch's fp32 conv setting, set either way: the legacy flag, or fp32_precision (torch >= 2.9), after which
+    reading the legacy flag raises."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
