@@ -27,23 +27,34 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _masked_act_fwd_kernel(x_ptr, mask_ptr, coeffs_ptr, out_ptr, C, HW, per_group, c_blocks,
-                           HAS_COEFFS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _program_tile(C, HW, per_group, c_blocks, BLOCK_C: tl.constexpr):
+    """This program's image, its BLOCK_C channels (and which exist), and the int64 offsets of the image in x and of
+    its mask group in mask (int64: G*N*C*H*W can pass 2^31 when many hypotheses are stacked)."""
     pid = tl.program_id(0)
     image = pid // c_blocks
     chans = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_ok = chans < C
-    # int64 image offsets: G*N*C*H*W can pass 2^31 when many hypotheses are stacked.
     x_base = image.to(tl.int64) * C * HW
     mask_base = (image // per_group).to(tl.int64) * C * HW
+    return image, chans, chans < C, x_base, mask_base
+
+
+@triton.jit
+def _chunk(chans, chan_ok, start, HW, BLOCK_HW: tl.constexpr):
+    """Offsets within an image of the [BLOCK_C, BLOCK_HW] chunk at start, and which of them exist."""
+    hw = start + tl.arange(0, BLOCK_HW)
+    return chans[:, None] * HW + hw[None, :], chan_ok[:, None] & (hw < HW)[None, :]
+
+
+@triton.jit
+def _masked_act_fwd_kernel(x_ptr, mask_ptr, coeffs_ptr, out_ptr, C, HW, per_group, c_blocks,
+                           HAS_COEFFS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    image, chans, chan_ok, x_base, mask_base = _program_tile(C, HW, per_group, c_blocks, BLOCK_C)
     if HAS_COEFFS:
         c0 = tl.load(coeffs_ptr + chans * 3 + 0, mask=chan_ok, other=0.0)[:, None]
         c1 = tl.load(coeffs_ptr + chans * 3 + 1, mask=chan_ok, other=0.0)[:, None]
         c2 = tl.load(coeffs_ptr + chans * 3 + 2, mask=chan_ok, other=0.0)[:, None]
     for start in range(0, HW, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
-        ok = chan_ok[:, None] & (hw < HW)[None, :]
-        offs = chans[:, None] * HW + hw[None, :]
+        offs, ok = _chunk(chans, chan_ok, start, HW, BLOCK_HW)
         x = tl.load(x_ptr + x_base + offs, mask=ok, other=0.0).to(tl.float32)
         keep = tl.load(mask_ptr + mask_base + offs, mask=ok, other=0) != 0
         if HAS_COEFFS:
@@ -58,12 +69,7 @@ def _masked_act_fwd_kernel(x_ptr, mask_ptr, coeffs_ptr, out_ptr, C, HW, per_grou
 @triton.jit
 def _masked_act_bwd_kernel(grad_ptr, x_ptr, mask_ptr, coeffs_ptr, dx_ptr, partial_ptr, C, HW, per_group, c_blocks,
                            HAS_COEFFS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    image = pid // c_blocks
-    chans = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_ok = chans < C
-    x_base = image.to(tl.int64) * C * HW
-    mask_base = (image // per_group).to(tl.int64) * C * HW
+    image, chans, chan_ok, x_base, mask_base = _program_tile(C, HW, per_group, c_blocks, BLOCK_C)
     if HAS_COEFFS:
         c1 = tl.load(coeffs_ptr + chans * 3 + 1, mask=chan_ok, other=0.0)[:, None]
         c2 = tl.load(coeffs_ptr + chans * 3 + 2, mask=chan_ok, other=0.0)[:, None]
@@ -71,9 +77,7 @@ def _masked_act_bwd_kernel(grad_ptr, x_ptr, mask_ptr, coeffs_ptr, dx_ptr, partia
         sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_gxx = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
-        ok = chan_ok[:, None] & (hw < HW)[None, :]
-        offs = chans[:, None] * HW + hw[None, :]
+        offs, ok = _chunk(chans, chan_ok, start, HW, BLOCK_HW)
         x = tl.load(x_ptr + x_base + offs, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + x_base + offs, mask=ok, other=0.0).to(tl.float32)
         keep = tl.load(mask_ptr + mask_base + offs, mask=ok, other=0) != 0
