@@ -227,3 +227,19 @@ def test_every_config_gpu(layer):
 def test_autotuned_launch_gpu(monkeypatch):
     monkeypatch.setenv("FASTMASK_TRITON_AUTOTUNE", "1")
     _check(_gpu_args(GPU_LAYERS[4], torch.bfloat16, True, with_coeffs=True), 5e-2, 3e-2)
+
+
+def test_tf32_setting_is_read_from_the_legacy_flag_and_from_fp32_precision():
+    # A process of its own: once fp32_precision is set, torch raises on every later read of the legacy flag.
+    import subprocess
+
+    code = ("import torch\n"
+            "from fastmask.ops.triton.conv_bn_act import cudnn_conv_allows_tf32 as allows\n"
+            "torch.backends.cudnn.allow_tf32 = False; seen = [allows()]\n"
+            "torch.backends.cudnn.allow_tf32 = True; seen.append(allows())\n"
+            "torch.backends.cudnn.conv.fp32_precision = 'ieee'; seen.append(allows())\n"
+            "torch.backends.cudnn.conv.fp32_precision = 'tf32'; seen.append(allows())\n"
+            "print(seen)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[False, True, False, True]"
