@@ -3,8 +3,9 @@
 // The op is memory-bound, so the elementwise kernels move 16 bytes per load/store when every pointer is aligned and
 // one mask sample (C*H*W) is a multiple of the vector width (then a vector never straddles two images' masks), and
 // walk the tensor grid-stride. The mask index of element e is group(e) * sample + e % sample, with both divisions
-// done by magic-number IntDivider when indices fit in 32 bits. dcoeffs is a per-channel reduction: warp sums, then
-// one fp32 (fp64 for fp64 x) atomicAdd per warp and channel.
+// done by magic-number IntDivider when indices fit in 32 bits. dcoeffs is a per-channel reduction into fp32 (fp64 for
+// fp64 x) atomics: one atomicAdd per warp and channel for large maps, one per thread for small maps (few pixels per
+// channel). Atomics make dcoeffs' last bits run-to-run nondeterministic; the Triton backward sums deterministically.
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h), so a minimal toolkit without the cuBLAS/cuSPARSE
 // headers can build this file.
 #include <ATen/Dispatch.h>
