@@ -86,3 +86,51 @@ def test_gpu_machine_gets_cuda_kernels():
     ext = backends.extension()
     assert ext is not None and ext.built_with_cuda(), "rebuild on this machine with nvcc on PATH"
     assert backends.select("cuda") == backends.EXT or os.environ.get("FASTMASK_BACKEND")
+
+
+def _cuobjdump() -> str | None:
+    """NVIDIA's cuobjdump: the toolkit's, else the one Triton bundles."""
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except Exception:  # no Triton, or one without the NVIDIA backend
+        return None
+
+
+def test_cuda_kernels_use_16_byte_accesses_and_never_spill():
+    """What the CUDA kernels' speed rests on, read from the compiled SASS without a GPU: every kernel for every
+    architecture uses no local memory (no register spills), and every vectorized elementwise kernel (kVec > 1) moves
+    x and out with 128-bit LDG/STG."""
+    import re
+    import subprocess
+
+    ext = backends.extension()
+    if ext is None or not ext.built_with_cuda():
+        pytest.skip("the extension was built without its CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the kernels with")
+    usage = subprocess.run([tool, "--dump-resource-usage", ext.__file__], capture_output=True, text=True,
+                           check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert kernels, usage[:2000]
+    for name, registers, stack, local in kernels:
+        assert int(stack) == 0 and int(local) == 0, f"{name} spills: STACK {stack}, LOCAL {local}"
+
+    sass = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    architectures = set(re.findall(r"arch = (sm_\d+)", sass))
+    assert architectures, sass[:2000]
+    vectorized = 0
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0]
+        width = re.search(r"masked_elementwise_kernel.*?Li(\d+)E", name)
+        if width and int(width.group(1)) > 1:
+            vectorized += 1
+            assert "LDG.E.128" in body and "STG.E.128" in body, f"{name} does not move 16 bytes a lane"
+    assert vectorized >= 16 * len(architectures), "fp32/fp16/bf16/fp64 x 2 index types x (identity, coeffs), per arch"
