@@ -247,35 +247,27 @@ def test_chunking_gives_identical_results(arch):
     assert_matches_plain(whole, candidates, model, images, labels)
 
 
-def test_memory_budget_sets_the_chunk():
-    model = make_model("resnet18")
-    images, labels = make_data(8)
-    candidates = sample_candidates(model, 6, size=20, sites=[0])
-    # resnet18 width 4 at 8x8: the largest activation is 4*8*8 fp32 = 1 KiB per image, 4 live -> 32 KiB per candidate
-    per_candidate_mb = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
-    recorder = BatchRecorder(model)
-    try:
-        score_hypotheses(model, candidates, images, labels, memory_budget_mb=7 * per_candidate_mb)
-    finally:
-        recorder.close()
-    assert recorder.sizes[0] == [24, 24], "3 candidates per chunk fit the 3.5-candidate half of the budget"
+# resnet18 width 4 at 8x8: layer1's activation is 4*8*8 fp32 = 1 KiB per image, 4 live x 8 images -> 32 KiB a candidate
+PER_CANDIDATE_MB = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
 
 
-def test_memory_budget_counts_a_stride_2_blocks_input_and_the_kept_prefix():
+@pytest.mark.parametrize("site, k, batch_sizes", [
+    # site 0 is in layer1[0]: only the stem's output is kept, and half of the 7-candidate budget is 3 per chunk
+    (0, 6, {0: [24, 24]}),
+    # site 5 is in layer2[0] (block 2, stride 2, sites of 8 x 4 x 4): blocks 0-1 run once at batch N, and block 2's
+    # input, repeated K times, is layer1's 4 x 8 x 8 output, which the chunk must be sized by
+    (5, 8, {0: [8], 1: [8], 2: [24, 24, 16]}),
+])
+def test_memory_budget_sets_the_chunk(site, k, batch_sizes):
     model = make_model("resnet18")
     images, labels = make_data(8)
-    # site 5 is in layer2[0] (block 2; stride 2, 8 x 4 x 4 = 128 elements): blocks 0 and 1 are shared, and block 2's
-    # input, repeated K times, is layer1's output of 4 x 8 x 8 = 256 elements per image
-    candidates = sample_candidates(model, 8, size=20, sites=[5])
-    per_candidate_mb = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4 * 8 / 2**20
+    candidates = sample_candidates(model, k, size=20, sites=[site])
     recorder = BatchRecorder(model)
     try:
-        # half of 7 candidates' worth goes to the kept prefix outputs, so 3 candidates per chunk
-        score_hypotheses(model, candidates, images, labels, memory_budget_mb=7 * per_candidate_mb)
+        score_hypotheses(model, candidates, images, labels, memory_budget_mb=7 * PER_CANDIDATE_MB)
     finally:
         recorder.close()
-    assert recorder.sizes[0] == [8] and recorder.sizes[1] == [8], "layer1 runs once, at batch N"
-    assert recorder.sizes[2] == [24, 24, 16]
+    assert {block: recorder.sizes[block] for block in batch_sizes} == batch_sizes
 
 
 # ---- early stop ----------------------------------------------------------------------------------------------------
