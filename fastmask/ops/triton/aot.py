@@ -3,8 +3,8 @@
 `compile_only(arch)` turns every Triton launch inside it into an ahead-of-time compile for sm_<arch>: the real
 launchers run on CPU tensors, Triton binds and specializes their arguments exactly as it would for a launch (dtypes,
 16-byte alignment, ints equal to 1 or divisible by 16), then compiles to PTX and a cubin with its bundled ptxas, and
-nothing runs. The interpreter cannot catch what only the GPU compiler rejects (tl.dot shapes under 16, unsupported
-dtype casts, register-file overflow) or show whether loads are 16 bytes wide and tensor cores are used; this can.
+nothing runs. The interpreter cannot catch what only the GPU compiler rejects (ops or casts a target lacks, a tile
+too large for shared memory) or show registers, spills, 16-byte loads and tensor-core use; this can.
 
     python -m fastmask.ops.triton.aot [--arch 90]     # table: kernel, variant, registers, spills, smem, instructions
 
@@ -102,7 +102,8 @@ def compile_only(arch: int, label: str = "") -> Iterator[list[CompiledVariant]]:
 
 
 def resource_usage(variant: CompiledVariant) -> dict:
-    """Registers per thread, spill store/load bytes and stack bytes of the cubin, from Triton's bundled cuobjdump."""
+    """Registers per thread and the local-memory and stack bytes (where spills go) of the cubin, from Triton's
+    bundled cuobjdump."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as folder:
@@ -170,7 +171,8 @@ def compile_conv_bn_act(arch: int, dtypes=("fp32", "fp16", "bf16"), every_config
 
 
 def report(variants: list[CompiledVariant]) -> str:
-    rows = [("kernel", "variant", "sm", "warps", "regs", "local/stack (spill) B", "smem B", "tensor-core ops", "16B loads")]
+    rows = [("kernel", "variant", "sm", "warps", "regs", "local/stack (spill) B", "smem B", "tensor-core ops",
+             "16B loads")]
     for row in summary(variants):
         rows.append((row["kernel"].lstrip("_"), row["variant"], str(row["arch"]), str(row["num_warps"]),
                      str(row["registers"]), f"{row['local_bytes']}/{row['stack_bytes']}", str(row["shared_bytes"]),
