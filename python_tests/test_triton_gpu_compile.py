@@ -13,6 +13,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+# Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 and H100.
+SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
+
 
 def _compile(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -58,6 +61,12 @@ def test_conv_bn_act_compiles_every_layer_kind_and_dtype(conv_kernels_sm90):
     # 3 dtypes x 4 layer kinds (packed-K stem, 3x3 + residual, 3x3 stride 2, 1x1 shortcut)
     assert len(conv_kernels_sm90) == 12
     assert {row["variant"].split()[0] for row in conv_kernels_sm90} == {"fp32", "fp16", "bf16"}
+
+
+def test_first_conv_config_fits_shared_memory(conv_kernels_sm90, conv_kernels_sm80):
+    # The first config is what FASTMASK_TRITON_AUTOTUNE=0 launches: it must load on both GPUs (the tuner skips others)
+    for row in conv_kernels_sm90 + conv_kernels_sm80:
+        assert row["shared_bytes"] <= SHARED_MEMORY_LIMIT[row["arch"]], row
 
 
 def test_conv_bn_act_uses_tensor_cores(conv_kernels_sm90, conv_kernels_sm80):

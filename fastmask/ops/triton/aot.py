@@ -3,8 +3,8 @@
 `compile_only(arch)` turns every Triton launch inside it into an ahead-of-time compile for sm_<arch>: the real
 launchers run on CPU tensors, Triton binds and specializes their arguments exactly as it would for a launch (dtypes,
 16-byte alignment, ints equal to 1 or divisible by 16), then compiles to PTX and a cubin with its bundled ptxas, and
-nothing runs. The interpreter cannot catch what only the GPU compiler rejects (ops or casts a target lacks, a tile
-too large for shared memory) or show registers, spills, 16-byte loads and tensor-core use; this can.
+nothing runs. The interpreter neither catches what only the GPU compiler rejects (ops or casts a target lacks) nor
+shows registers, spills, shared memory, 16-byte loads and tensor-core use; this does.
 
     python -m fastmask.ops.triton.aot [--arch 90]     # table: kernel, variant, registers, spills, smem, instructions
 
