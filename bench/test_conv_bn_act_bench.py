@@ -10,12 +10,14 @@ Targets (bf16, H100): fused >= 1.2x eager and >= 1.0x compile.
 Two timings, both medians recorded in extra_info: "launch" is triton.testing.do_bench (back-to-back calls from Python,
 so host overhead counts when it exceeds the GPU time) and "graph" is triton.testing.do_bench_cudagraph (the same calls
 replayed from a CUDA graph: GPU time alone). pytest-benchmark also times the fused call (synchronized). At the end a
-table (times, TFLOP/s, ratios) is printed and saved to bench/results/conv_bn_act.{json,md}.
+table (times, TFLOP/s, ratios) is printed and saved to bench/results/conv_bn_act.{json,md} ($FASTMASK_BENCH_RESULTS
+when set: bench/gpu.sh points it at the device's $OUT).
 GPU only: skips cleanly without CUDA. Run: python -m pytest bench/test_conv_bn_act_bench.py
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ triton_testing = pytest.importorskip("triton.testing")
 from fastmask.ops import conv_bn_act  # noqa: E402
 
 BATCH = 256
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("FASTMASK_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 # (name, c_in, c_out, input size, kernel, stride, padding, masked, residual): conv1 (masked) and conv2 (masked, +
 # residual) of each ResNet18 stage, the stride-2 transitions, and their 1x1 shortcuts (conv + BN only).
 LAYERS = [

@@ -269,7 +269,8 @@ def test_diverged_finetune_restores_the_last_good_state_and_stops(tmp_path, data
 
 
 @pytest.mark.cuda
-def test_driver_on_cuda_lands_on_the_target(tmp_path, data):
+def test_driver_on_cuda_lands_on_the_target(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("FASTMASK_TRITON_AUTOTUNE", "0")  # correctness only: autotuning would take minutes
     images, labels = (t.cuda() for t in data)
     model = tiny_model().cuda()
     driver = BCD(model, BCDConfig(targets=[700], drc=100, rt=4, adt=0.3), images, labels,

@@ -243,3 +243,16 @@ def test_tf32_setting_is_read_from_the_legacy_flag_and_from_fp32_precision():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[False, True, False, True]"
+
+
+def test_tuned_configs_are_reused_across_row_counts_within_a_power_of_two(monkeypatch):
+    # Scoring's chunk size moves the row count from call to call; retuning each would cost seconds on the GPU.
+    from fastmask.ops.triton import conv_bn_act as launcher
+
+    monkeypatch.setenv("FASTMASK_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(launcher, "_best", {})
+    for per_group in (3, 4):  # 48 and 64 rows: one bucket
+        _check(_make(1, per_group, 16, 16, (4, 4), 3, 1, 1, True, False), *CPU_TOL)
+    assert len(launcher._best) == 1
+    _check(_make(1, 5, 16, 16, (4, 4), 3, 1, 1, True, False), *CPU_TOL)  # 80 rows: the next bucket
+    assert len(launcher._best) == 2

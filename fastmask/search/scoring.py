@@ -317,7 +317,10 @@ def _budget_bytes(device: torch.device, budget_mb: Optional[float]) -> float:
         return budget_mb * 2**20
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return CUDA_BUDGET_FRACTION * free
+        # Memory torch's allocator caches but no tensor holds is free to us: without it the chunk (and so the conv
+        # kernel's tuning key) would shrink after the first call.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return CUDA_BUDGET_FRACTION * (free + cached)
     return DEFAULT_CPU_BUDGET_MB * 2**20
 
 

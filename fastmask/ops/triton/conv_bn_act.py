@@ -166,6 +166,13 @@ def cudnn_conv_allows_tf32() -> bool:
         return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
+def _rows_bucket(rows: int) -> int:
+    """Problems are remembered by rows rounded up to a power of two: every config is correct at any row count and the
+    best one barely moves within a factor of 2, while scoring's chunk sizes (so rows) vary from call to call and
+    retuning each costs seconds."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -194,8 +201,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         coeffs = coeffs.float().contiguous()
     rows = batch * oh * ow
     per_group = batch // mask.shape[0] if mask is not None else 1
-    problem = (rows, c_in, c_out, height, width, kh, kw, stride, padding, residual is not None, mask is not None,
-               coeffs is not None, x.dtype, out.dtype, _precision(x), x.device.index)
+    problem = (_rows_bucket(rows), c_in, c_out, height, width, kh, kw, stride, padding, residual is not None,
+               mask is not None, coeffs is not None, x.dtype, out.dtype, _precision(x), x.device.index)
     if config is None:
         config = _best.get(problem) if autotuning() else configs(kh * kw == 1)[0]
     if config is None:
