@@ -3,14 +3,14 @@
 # the GPU tests, then the benches, then the whole suite, in that order of value, inside one time budget.
 #
 # Usage: bash bench/gpu.sh [STEP ...]     steps: build tests_cuda masked_act scoring conv_bn_act tests_all
-#        (default: all of them, in that order; `build` always runs first when fastmask is not importable)
+#        (default: all of them, in that order; `build` runs first whenever fastmask._C is not built here)
 # Env:   GPU_BUDGET_S   seconds the whole script may use (default 540: the device tool kills a call at 600 s).
-#                       A step starts only if its share fits what is left, and is cut off at what is left; steps not
-#                       run are listed at the end, so a second call can name just those.
+#                       A step starts only if its share fits what is left, and is cut off (SIGINT, so pytest still
+#                       saves) at what is left; steps not run are listed at the end, for a second call to name.
 #        OUT            where logs and JSON go (default bench/results/). The device tool returns at most 8 files, so
-#                       everything is in gpu.log and build.log, plus one <bench module>.json per bench
+#                       everything is in gpu.log and build.log, plus one <bench>_bench.json per bench
 #                       (pytest-benchmark format; GB/s, % of peak and the ratios vs each named baseline are in every
-#                       benchmark's extra_info).
+#                       benchmark's extra_info) and the conv bench's conv_bn_act.{md,json}: 7 files at most.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RESULTS=${OUT:-bench/results}
