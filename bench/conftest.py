@@ -1,5 +1,5 @@
-"""Shared bench setup: the `cuda` marker (GPU benches skip cleanly without CUDA) and a ratio table that every bench
-adds rows to and that is printed at the end of the run, whatever pytest's output capture.
+"""Shared bench setup: a ratio table that every bench adds rows to and that is printed at the end of the run,
+whatever pytest's output capture. The `cuda` marker (GPU benches skip cleanly without CUDA) is in the root conftest.py.
 
 Run: python -m pytest bench -q --benchmark-json=bench/results/bench.json   (bench/gpu.sh does this on the GPU machine)
 """
@@ -13,19 +13,6 @@ import pytest
 import torch
 
 _TABLES: dict[str, list[dict]] = defaultdict(list)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when torch.cuda.is_available() is False)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if item.get_closest_marker("cuda") is not None:
-            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,20 +1,6 @@
-"""Shared pytest setup: the `cuda` marker, whose tests skip cleanly on a machine without a CUDA GPU, and a private
-decode cache so tests never write to the user's ~/.cache."""
+"""Test setup: a private decode cache, so tests never write to the user's ~/.cache. The `cuda` marker is in the
+repository's root conftest.py, shared with bench/."""
 import pytest
-import torch
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when torch.cuda.is_available() is False)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if item.get_closest_marker("cuda") is not None:
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
