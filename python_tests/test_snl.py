@@ -72,13 +72,18 @@ def test_budget_not_reached_binarizes_anyway_and_lambda_grows_on_stalls(small):
     assert result["finetune_history"] == []
 
 
-def test_binarize_keeps_top_alphas_among_present(small):
-    model = tiny_model(small)
-    masks = fm.MaskSet(model)
+def alphas_all_at(small, value: float):
+    """(MaskSet, alphas) of a fresh tiny model with every alpha set to value."""
+    masks = fm.MaskSet(tiny_model(small))
     alphas = snl.attach_alphas(masks)
     with torch.no_grad():
         for alpha in alphas:
-            alpha.fill_(0.5)
+            alpha.fill_(value)
+    return masks, alphas
+
+
+def test_binarize_keeps_top_alphas_among_present(small):
+    masks, alphas = alphas_all_at(small, 0.5)
     # site 0: a large alpha at an absent position must lose to small ones at present positions
     site0 = masks.sites[0]
     site0.mask.view(-1)[0] = False
@@ -95,12 +100,8 @@ def test_binarize_keeps_top_alphas_among_present(small):
 
 
 def test_soft_count_uses_threshold_and_presence(small):
-    model = tiny_model(small)
-    masks = fm.MaskSet(model)
-    alphas = snl.attach_alphas(masks)
+    masks, alphas = alphas_all_at(small, 0.005)
     with torch.no_grad():
-        for alpha in alphas:
-            alpha.fill_(0.005)
         alphas[2].view(-1)[:10] = 0.5
     masks.sites[2].mask.view(-1)[:3] = False
     assert snl.soft_count(masks, threshold=1e-2) == 7

@@ -190,7 +190,7 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
     With `reference` (accuracy, loss of the current masks) and `adt`, chunks are scored in order and scoring
     stops after the first chunk holding a candidate whose drop < adt; `accepted` is the first such index.
     `memory_budget_mb` bounds one chunk's activations plus the kept outputs of the shared prefix (half each when
-    there is a prefix; default: half the free GPU memory, or 512 MB on the CPU);
+    there is a prefix; default: half the free GPU memory, torch's cache counted as free, or 512 MB on the CPU);
     `fused` runs blocks through fastmask.ops.conv_bn_act (None: on CUDA when available); `chunk_size` caps the
     candidates per chunk below what the budget allows.
     The model's masks and train/eval flags are as they were on return.
