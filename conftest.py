@@ -1,11 +1,7 @@
-"""pytest setup shared by python_tests/ and bench/: the `cuda` marker, whose tests skip cleanly on a machine without a
-CUDA GPU."""
+"""pytest setup shared by python_tests/ and bench/: tests marked `cuda` (the marker is declared in pyproject.toml)
+skip cleanly on a machine without a CUDA GPU."""
 import pytest
 import torch
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when torch.cuda.is_available() is False)")
 
 
 def pytest_collection_modifyitems(config, items):

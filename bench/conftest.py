@@ -1,5 +1,6 @@
 """Shared bench setup: a ratio table that every bench adds rows to and that is printed at the end of the run,
-whatever pytest's output capture. The `cuda` marker (GPU benches skip cleanly without CUDA) is in the root conftest.py.
+whatever pytest's output capture. GPU benches are marked `cuda` (declared in pyproject.toml) and skip cleanly
+without CUDA through the root conftest.py.
 
 Run: python -m pytest bench -q --benchmark-json=bench/results/bench.json   (bench/gpu.sh does this on the GPU machine)
 """

@@ -1,10 +1,12 @@
-// Input checks shared by every masked_act kernel, so the CPU, CUDA and Meta paths reject the same inputs.
+// The start every masked_act entry point shares (input checks, contiguous inputs, the output, the coefficient
+// planes), so the CPU, CUDA and Meta paths reject the same inputs and allocate the same outputs.
 #include "masked_act.h"
 
 namespace fastmask {
+namespace {
 
-at::ScalarType accumulate_type(at::ScalarType x_type) {
-  return x_type == at::kDouble ? at::kDouble : at::kFloat;
+at::Tensor coefficient_planes(const std::optional<at::Tensor>& coeffs, at::ScalarType x_type) {
+  return coeffs.has_value() ? coeffs->to(accumulate_type(x_type)).t().contiguous() : at::Tensor();
 }
 
 MaskedActLayout check_masked_act(const char* op, const at::Tensor& x, const at::Tensor& mask,
@@ -44,5 +46,31 @@ MaskedActLayout check_masked_act_backward(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(grad.device() == x.device(), "masked_act_bwd: grad is on ", grad.device(), " but x is on ", x.device());
   return layout;
 }
+
+}  // namespace
+
+ForwardArgs prepare_forward(const at::Tensor& x, const at::Tensor& mask, const std::optional<at::Tensor>& coeffs) {
+  ForwardArgs args;
+  args.layout = check_masked_act("masked_act_fwd", x, mask, coeffs);
+  args.x = x.contiguous();
+  args.mask = mask.contiguous();
+  args.out = at::empty_like(args.x, at::MemoryFormat::Contiguous);
+  args.planes = coefficient_planes(coeffs, x.scalar_type());
+  return args;
+}
+
+BackwardArgs prepare_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
+                              const std::optional<at::Tensor>& coeffs) {
+  BackwardArgs args;
+  args.layout = check_masked_act_backward(grad, x, mask, coeffs);
+  args.x = x.contiguous();
+  args.grad = grad.to(x.scalar_type()).contiguous();
+  args.mask = mask.contiguous();
+  args.dx = at::empty_like(args.x, at::MemoryFormat::Contiguous);
+  args.planes = coefficient_planes(coeffs, x.scalar_type());
+  return args;
+}
+
+at::Tensor no_dcoeffs(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kFloat)); }
 
 }  // namespace fastmask

@@ -63,15 +63,6 @@ inline void backward_span(const scalar_t* __restrict__ grad, const scalar_t* __r
   }
 }
 
-// Splits coeffs [C, 3] into contiguous planes [3, C] in the arithmetic dtype, so a 2-D span reads them unit-stride.
-at::Tensor coefficient_planes(const at::Tensor& coeffs, at::ScalarType acc_type) {
-  return coeffs.to(acc_type).t().contiguous();
-}
-
-const uint8_t* mask_bytes(const at::Tensor& mask) {  // bool and uint8 are both one byte; nonzero keeps the ReLU
-  return static_cast<const uint8_t*>(mask.const_data_ptr());
-}
-
 // Calls body(x_offset, mask_offset, length, replacement) for every span, in parallel.
 template <typename acc_t, typename Body>
 void for_each_span(const MaskedActLayout& layout, const at::Tensor& planes, const Body& body) {
@@ -146,61 +137,51 @@ void backward_with_coeffs(const MaskedActLayout& layout, const scalar_t* grad, c
 
 at::Tensor masked_act_fwd_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
                               const std::optional<at::Tensor>& coeffs) {
-  const MaskedActLayout layout = check_masked_act("masked_act_fwd", x_in, mask_in, coeffs);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (layout.numel() == 0) return out;
-  const at::ScalarType acc_type = accumulate_type(x.scalar_type());
-  const at::Tensor planes = coeffs.has_value() ? coefficient_planes(*coeffs, acc_type) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_fwd_cpu", [&] {
+  const ForwardArgs args = prepare_forward(x_in, mask_in, coeffs);
+  if (args.layout.numel() == 0) return args.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const uint8_t* keep = mask_bytes(mask);
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    for_each_span<acc_t>(layout, planes, [&](int64_t x_offset, int64_t mask_offset, int64_t length,
-                                             const auto& replacement) {
+    const scalar_t* x_data = args.x.const_data_ptr<scalar_t>();
+    const uint8_t* keep = mask_bytes(args.mask);
+    scalar_t* out_data = args.out.mutable_data_ptr<scalar_t>();
+    for_each_span<acc_t>(args.layout, args.planes, [&](int64_t x_offset, int64_t mask_offset, int64_t length,
+                                                       const auto& replacement) {
       forward_span(x_data + x_offset, keep + mask_offset, out_data + x_offset, length, replacement);
     });
   });
-  return out;
+  return args.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_act_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                       const at::Tensor& mask_in,
                                                       const std::optional<at::Tensor>& coeffs) {
-  const MaskedActLayout layout = check_masked_act_backward(grad_in, x_in, mask_in, coeffs);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const BackwardArgs args = prepare_backward(grad_in, x_in, mask_in, coeffs);
+  const MaskedActLayout& layout = args.layout;
   if (!coeffs.has_value()) {
-    at::Tensor no_dcoeffs = at::empty({0}, x.options().dtype(at::kFloat));
-    if (layout.numel() == 0) return {dx, no_dcoeffs};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_bwd_cpu", [&] {
+    if (layout.numel() == 0) return {args.dx, no_dcoeffs(args.x)};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-      const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
-      const uint8_t* keep = mask_bytes(mask);
-      scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+      const scalar_t* x_data = args.x.const_data_ptr<scalar_t>();
+      const scalar_t* grad_data = args.grad.const_data_ptr<scalar_t>();
+      const uint8_t* keep = mask_bytes(args.mask);
+      scalar_t* dx_data = args.dx.mutable_data_ptr<scalar_t>();
       for_each_span<acc_t>(layout, at::Tensor(), [&](int64_t x_offset, int64_t mask_offset, int64_t length,
                                                      const auto& replacement) {
         backward_span(grad_data + x_offset, x_data + x_offset, keep + mask_offset, dx_data + x_offset, length,
                       replacement);
       });
     });
-    return {dx, no_dcoeffs};
+    return {args.dx, no_dcoeffs(args.x)};
   }
-  at::Tensor sums = at::zeros({layout.channels, 3}, x.options().dtype(at::kDouble));
+  at::Tensor sums = at::zeros({layout.channels, 3}, args.x.options().dtype(at::kDouble));
   if (layout.numel() > 0) {
-    const at::Tensor planes = coefficient_planes(*coeffs, accumulate_type(x.scalar_type()));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_bwd_cpu", [&] {
-      backward_with_coeffs<scalar_t>(layout, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                     mask_bytes(mask), dx.mutable_data_ptr<scalar_t>(), planes,
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_bwd_cpu", [&] {
+      backward_with_coeffs<scalar_t>(layout, args.grad.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
+                                     mask_bytes(args.mask), args.dx.mutable_data_ptr<scalar_t>(), args.planes,
                                      sums.mutable_data_ptr<double>());
     });
   }
-  return {dx, sums.to(coeffs->scalar_type())};
+  return {args.dx, sums.to(coeffs->scalar_type())};
 }
 
 }  // namespace fastmask

@@ -268,59 +268,54 @@ void launch_backward_with_coeffs(const MaskedActLayout& layout, const scalar_t* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-const uint8_t* mask_bytes(const at::Tensor& mask) {  // bool and uint8 are both one byte; nonzero keeps the ReLU
-  return static_cast<const uint8_t*>(mask.const_data_ptr());
+// Kernels launch on x's GPU. A CPU x (with mask or coeffs on the GPU) gets no guard, so the shared checks reject it
+// with their own message.
+std::optional<c10::Device> launch_device(const at::Tensor& x) {
+  return x.is_cuda() ? std::make_optional(x.device()) : std::nullopt;
 }
 
 at::Tensor masked_act_fwd_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
                                const std::optional<at::Tensor>& coeffs) {
-  const MaskedActLayout layout = check_masked_act("masked_act_fwd", x_in, mask_in, coeffs);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (layout.numel() == 0) return out;
-  const at::ScalarType acc_type = accumulate_type(x.scalar_type());
-  const at::Tensor planes = coeffs.has_value() ? coeffs->to(acc_type).t().contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_fwd_cuda", [&] {
+  const c10::cuda::OptionalCUDAGuard guard(launch_device(x_in));
+  const ForwardArgs args = prepare_forward(x_in, mask_in, coeffs);
+  if (args.layout.numel() == 0) return args.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_elementwise<scalar_t, false>(layout, x.const_data_ptr<scalar_t>(), nullptr, mask_bytes(mask),
-                                          planes.defined() ? planes.const_data_ptr<acc_t>() : nullptr,
-                                          out.mutable_data_ptr<scalar_t>());
+    dispatch_elementwise<scalar_t, false>(args.layout, args.x.const_data_ptr<scalar_t>(), nullptr,
+                                          mask_bytes(args.mask),
+                                          args.planes.defined() ? args.planes.const_data_ptr<acc_t>() : nullptr,
+                                          args.out.mutable_data_ptr<scalar_t>());
   });
-  return out;
+  return args.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_act_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                        const at::Tensor& mask_in,
                                                        const std::optional<at::Tensor>& coeffs) {
-  const MaskedActLayout layout = check_masked_act_backward(grad_in, x_in, mask_in, coeffs);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const at::ScalarType acc_type = accumulate_type(x.scalar_type());
+  const c10::cuda::OptionalCUDAGuard guard(launch_device(x_in));
+  const BackwardArgs args = prepare_backward(grad_in, x_in, mask_in, coeffs);
+  const MaskedActLayout& layout = args.layout;
   if (!coeffs.has_value()) {
-    at::Tensor no_dcoeffs = at::empty({0}, x.options().dtype(at::kFloat));
-    if (layout.numel() == 0) return {dx, no_dcoeffs};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_bwd_cuda", [&] {
-      dispatch_elementwise<scalar_t, true>(layout, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                           mask_bytes(mask), nullptr, dx.mutable_data_ptr<scalar_t>());
+    if (layout.numel() == 0) return {args.dx, no_dcoeffs(args.x)};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_bwd_cuda", [&] {
+      dispatch_elementwise<scalar_t, true>(layout, args.x.const_data_ptr<scalar_t>(),
+                                           args.grad.const_data_ptr<scalar_t>(), mask_bytes(args.mask), nullptr,
+                                           args.dx.mutable_data_ptr<scalar_t>());
     });
-    return {dx, no_dcoeffs};
+    return {args.dx, no_dcoeffs(args.x)};
   }
-  at::Tensor sums = at::zeros({layout.channels, 3}, x.options().dtype(acc_type));
+  // The channel sums accumulate in the arithmetic dtype: fp32 atomics, or fp64 for an fp64 x.
+  at::Tensor sums = at::zeros({layout.channels, 3}, args.x.options().dtype(accumulate_type(args.x.scalar_type())));
   if (layout.numel() > 0) {
-    const at::Tensor planes = coeffs->to(acc_type).t().contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_act_bwd_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "masked_act_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      launch_backward_with_coeffs<scalar_t>(layout, x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                            mask_bytes(mask), planes.const_data_ptr<acc_t>(),
-                                            dx.mutable_data_ptr<scalar_t>(), sums.mutable_data_ptr<acc_t>());
+      launch_backward_with_coeffs<scalar_t>(layout, args.x.const_data_ptr<scalar_t>(),
+                                            args.grad.const_data_ptr<scalar_t>(), mask_bytes(args.mask),
+                                            args.planes.const_data_ptr<acc_t>(), args.dx.mutable_data_ptr<scalar_t>(),
+                                            sums.mutable_data_ptr<acc_t>());
     });
   }
-  return {dx, sums.to(coeffs->scalar_type())};
+  return {args.dx, sums.to(coeffs->scalar_type())};
 }
 
 }  // namespace

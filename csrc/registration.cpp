@@ -8,17 +8,14 @@ namespace fastmask {
 namespace {
 
 at::Tensor masked_act_fwd_meta(const at::Tensor& x, const at::Tensor& mask, const std::optional<at::Tensor>& coeffs) {
-  check_masked_act("masked_act_fwd", x, mask, coeffs);
-  return at::empty_like(x, at::MemoryFormat::Contiguous);
+  return prepare_forward(x, mask, coeffs).out;
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_act_bwd_meta(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& mask,
                                                        const std::optional<at::Tensor>& coeffs) {
-  check_masked_act_backward(grad, x, mask, coeffs);
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor dcoeffs = coeffs.has_value() ? at::empty_like(*coeffs, at::MemoryFormat::Contiguous)
-                                          : at::empty({0}, x.options().dtype(at::kFloat));
+  at::Tensor dx = prepare_backward(grad, x, mask, coeffs).dx;
+  at::Tensor dcoeffs = coeffs.has_value() ? at::empty_like(*coeffs, at::MemoryFormat::Contiguous) : no_dcoeffs(x);
   return {dx, dcoeffs};
 }
 

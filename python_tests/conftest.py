@@ -1,6 +1,15 @@
-"""Test setup: a private decode cache, so tests never write to the user's ~/.cache. The `cuda` marker is in the
-repository's root conftest.py, shared with bench/."""
+"""Test setup: Triton kernels run through the interpreter when there is no GPU, and a private decode cache, so tests
+never write to the user's ~/.cache. The `cuda` marker's skip is in the repository's root conftest.py, shared with
+bench/."""
+import os
+
 import pytest
+import torch
+
+# Triton picks interpreted or compiled kernels when they are decorated, so this must precede the collection of any test
+# module that imports them. An explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

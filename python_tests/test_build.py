@@ -120,7 +120,7 @@ def test_cuda_kernels_use_16_byte_accesses_and_never_spill():
                            check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     assert kernels, usage[:2000]
-    for name, registers, stack, local in kernels:
+    for name, _registers, stack, local in kernels:
         assert int(stack) == 0 and int(local) == 0, f"{name} spills: STACK {stack}, LOCAL {local}"
 
     sass = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout

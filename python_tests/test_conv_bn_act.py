@@ -1,30 +1,23 @@
 """fastmask.ops.conv_bn_act (Triton implicit-GEMM conv + BN + residual + masked activation) against the reference.
 
 On the GPU the compiled kernel runs in fp32 (ieee and tf32), fp16 and bf16 on ResNet-like shapes; on the CPU the same
-op runs its Triton kernel under TRITON_INTERPRET=1 with FASTMASK_BACKEND=triton, in fp32 on tiny shapes.
+op runs its Triton kernel under TRITON_INTERPRET=1 (python_tests/conftest.py sets it before collection when there is
+no GPU) with FASTMASK_BACKEND=triton, in fp32 on tiny shapes.
 """
-import importlib
-import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
+from fastmask.errors import FastmaskError
+from fastmask.ops import backends, conv_bn_act, reference  # conv_bn_act: the public function
+
+triton_conv = pytest.importorskip("fastmask.ops.triton.conv_bn_act")
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernel is decorated
-pytest.importorskip("triton")
-
-from fastmask.errors import FastmaskError  # noqa: E402
-from fastmask.ops import backends, reference  # noqa: E402
-from fastmask.ops import conv_bn_act  # noqa: E402  (the public function)
-
-_NAME = "fastmask.ops.triton.conv_bn_act"
-# A module imported earlier without the interpreter holds a compiled-mode kernel that cannot run on the CPU.
-if _NAME in sys.modules:
-    importlib.reload(sys.modules[_NAME])
-
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not backends.triton_supports(DEVICE),
+                                reason="Triton on the CPU needs TRITON_INTERPRET=1 before the kernel is imported")
 cuda = pytest.mark.cuda
 CPU_TOL = (1e-4, 1e-4)  # fp32 with ieee dots, only the summation order differs
 
@@ -214,13 +207,12 @@ def test_nchw_inputs_gpu(layer):
 @pytest.mark.parametrize("layer", [GPU_LAYERS[1], GPU_LAYERS[3]], ids=["3x3", "1x1-s2"])
 def test_every_config_gpu(layer):
     """Each autotune config on its own (the tuner would only ever run the fastest)."""
-    triton_conv = importlib.import_module(_NAME)
     args = _gpu_args(layer, torch.bfloat16, True, with_coeffs=False)
     expected = reference.conv_bn_act(**args)
     for config in triton_conv.configs(pointwise=layer[3] == 1):
         out = torch.empty_like(expected)
         triton_conv.conv_bn_act(**args, out=out, config=config)
-        torch.testing.assert_close(out, expected, atol=5e-2, rtol=3e-2, msg=lambda m: f"{config}: {m}")
+        torch.testing.assert_close(out, expected, atol=5e-2, rtol=3e-2, msg=lambda m, c=config: f"{c}: {m}")
 
 
 @cuda
@@ -231,8 +223,6 @@ def test_autotuned_launch_gpu(monkeypatch):
 
 def test_tf32_setting_is_read_from_the_legacy_flag_and_from_fp32_precision():
     # A process of its own: once fp32_precision is set, torch raises on every later read of the legacy flag.
-    import subprocess
-
     code = ("import torch\n"
             "from fastmask.ops.triton.conv_bn_act import cudnn_conv_allows_tf32 as allows\n"
             "torch.backends.cudnn.allow_tf32 = False; seen = [allows()]\n"
@@ -247,12 +237,10 @@ def test_tf32_setting_is_read_from_the_legacy_flag_and_from_fp32_precision():
 
 def test_tuned_configs_are_reused_across_row_counts_within_a_power_of_two(monkeypatch):
     # Scoring's chunk size moves the row count from call to call; retuning each would cost seconds on the GPU.
-    from fastmask.ops.triton import conv_bn_act as launcher
-
     monkeypatch.setenv("FASTMASK_TRITON_AUTOTUNE", "1")
-    monkeypatch.setattr(launcher, "_best", {})
+    monkeypatch.setattr(triton_conv, "_best", {})
     for per_group in (3, 4):  # 48 and 64 rows: one bucket
         _check(_make(1, per_group, 16, 16, (4, 4), 3, 1, 1, True, False), *CPU_TOL)
-    assert len(launcher._best) == 1
+    assert len(triton_conv._best) == 1
     _check(_make(1, 5, 16, 16, (4, 4), 3, 1, 1, True, False), *CPU_TOL)  # 80 rows: the next bucket
-    assert len(launcher._best) == 2
+    assert len(triton_conv._best) == 2

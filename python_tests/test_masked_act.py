@@ -1,8 +1,11 @@
 """masked_act: every backend present (C++ CPU, CUDA, Triton, PyTorch) against fastmask/ops/reference.py.
 
-Also: torch.library.opcheck on the custom ops, gradcheck in fp64, the compiled ops called directly (empty batch,
-non-contiguous grad, mixed coeffs dtype, bad input), MaskedReLU, and fastmask.backend().
-Triton runs on the CPU only under TRITON_INTERPRET=1 (set before pytest starts, as .ci/run does), in fp32.
+This is the one place every backend, Triton included, is checked against the reference; test_triton_masked_act.py
+holds what is particular to the Triton kernels. Also: torch.library.opcheck on the custom ops, fp64 (gradcheck and an
+exact fp64 formula), the compiled ops called directly (empty batch, non-contiguous grad, mixed coeffs dtype, bad
+input), MaskedReLU, and fastmask.backend().
+Triton runs on the CPU only under TRITON_INTERPRET=1 (python_tests/conftest.py sets it when there is no GPU), in fp32
+and fp64.
 """
 from __future__ import annotations
 
@@ -15,12 +18,22 @@ import torch
 import fastmask
 from fastmask.ops import backends, reference
 
-# (atol, rtol) per dtype; every backend computes in fp32 and rounds once, so these are one-ulp bounds.
+# (atol, rtol) per dtype; every backend computes in fp32 (fp64 in fp64) and rounds once, so these are one-ulp bounds.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
-# Shapes of one mask group: [N, C, H, W] or [N, D]. x is [G*N, ...]. Odd sizes, a vector-aligned map, 2-D inputs.
-GROUP_SHAPES = [(5, 7, 5, 3), (2, 16, 8, 8), (4, 10), (3, 33)]
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Shapes of one mask group: [N, C, H, W] or [N, D]. x is [G*N, ...]. Odd sizes, a vector-aligned map, 2-D inputs,
+# 1x1 planes; on the GPU also maps of several kernel tiles, channels off the block sizes, and a wide 2-D input.
+GROUP_SHAPES = [
+    pytest.param((5, 7, 5, 3), id="5x7x5x3"),
+    pytest.param((2, 16, 8, 8), id="2x16x8x8"),
+    pytest.param((4, 10), id="4x10"),
+    pytest.param((3, 33), id="3x33"),
+    pytest.param((2, 3, 1, 1), id="2x3x1x1"),
+    pytest.param((8, 64, 32, 32), id="8x64x32x32", marks=pytest.mark.cuda),
+    pytest.param((5, 130, 7, 7), id="5x130x7x7", marks=pytest.mark.cuda),
+    pytest.param((64, 1000), id="64x1000", marks=pytest.mark.cuda),
+]
+TRITON_INTERPRETED = backends.triton_interpreting()
 
 
 def triton_kernels_present() -> bool:
@@ -71,8 +84,7 @@ def make_case(group_shape, groups, dtype, with_coeffs, mask_dtype, device, seed=
         mask = keep
     coeffs = torch.randn(group_shape[1], 3, generator=gen).to(dtype) if with_coeffs else None
     grad = torch.randn(x.shape, generator=gen).to(dtype)
-    move = (lambda t: None if t is None else t.to(device))
-    return move(x), move(mask), move(coeffs), move(grad)
+    return tuple(None if t is None else t.to(device) for t in (x, mask, coeffs, grad))
 
 
 def assert_close(actual, expected, dtype):
@@ -87,7 +99,8 @@ def assert_sums_close(actual, expected, dtype, terms: int):
 
 
 def check_against_reference(x, mask, coeffs, grad):
-    """Forward and backward through fastmask.masked_relu (autograd included) vs the reference, same grad_output."""
+    """Forward and backward through fastmask.masked_relu (autograd included) vs the reference, same grad_output;
+    the backward op also directly, since autograd would cast a gradient of the wrong dtype without a word."""
     x_leaf = x.detach().clone().requires_grad_(True)
     coeffs_leaf = None if coeffs is None else coeffs.detach().clone().requires_grad_(True)
     out = fastmask.masked_relu(x_leaf, mask, coeffs_leaf)
@@ -100,17 +113,20 @@ def check_against_reference(x, mask, coeffs, grad):
     if coeffs is not None:
         assert coeffs_leaf.grad.dtype == coeffs.dtype
         assert_sums_close(coeffs_leaf.grad, expected_dcoeffs, coeffs.dtype, x.numel() // x.shape[1])
+    dx, dcoeffs = torch.ops.fastmask.masked_act_backward(grad, x, mask, coeffs)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    assert dcoeffs.dtype == expected_dcoeffs.dtype and dcoeffs.shape == expected_dcoeffs.shape
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
-@pytest.mark.parametrize("group_shape", GROUP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("group_shape", GROUP_SHAPES)
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_coeffs", [False, True], ids=["identity", "poly"])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=["bool", "uint8"])
 def test_backend_matches_reference(monkeypatch, device, backend, group_shape, groups, dtype, with_coeffs, mask_dtype):
     if backend == backends.TRITON and device == "cpu" and dtype != torch.float32:
-        pytest.skip("the Triton interpreter is checked in fp32 only")
+        pytest.skip("the Triton interpreter is checked in fp32 here (and in fp64 by the fp64 tests)")
     use_backend(monkeypatch, device, backend)
     check_against_reference(*make_case(group_shape, groups, dtype, with_coeffs, mask_dtype, device))
 
@@ -124,6 +140,7 @@ def test_backend_non_contiguous_input(monkeypatch, device, backend, with_coeffs,
     if layout == "transposed":  # same shape, strides swapped on H and W
         x = x.transpose(2, 3).contiguous().transpose(2, 3)
         mask = mask.transpose(2, 3).contiguous().transpose(2, 3)
+        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
     elif layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         grad = grad.contiguous(memory_format=torch.channels_last)
@@ -131,6 +148,17 @@ def test_backend_non_contiguous_input(monkeypatch, device, backend, with_coeffs,
         x = torch.stack([x, x + 1], dim=1).flatten(0, 1)[::2]
     assert not x.is_contiguous()
     check_against_reference(x, mask, coeffs, grad)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backend_half_x_with_fp32_coeffs(monkeypatch, device, backend, dtype):
+    """A MaskedReLU under autocast: half-precision x, fp32 coeffs; dcoeffs stays fp32."""
+    if backend == backends.TRITON and device == "cpu":
+        pytest.skip("the Triton interpreter is checked in fp32 and fp64 only")
+    use_backend(monkeypatch, device, backend)
+    x, mask, coeffs, grad = make_case((2, 6, 5, 5), 3, dtype, True, torch.bool, device, seed=7)
+    check_against_reference(x, mask, coeffs.float(), grad)
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
@@ -236,18 +264,62 @@ def away_from_kink(shape, gen):
     return x + 0.1 * torch.sign(x)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize("group_shape, groups", [((2, 3, 4, 3), 2), ((3, 5), 3)], ids=["4d", "2d"])
-def test_gradcheck_fp64_custom_op(device, group_shape, groups):
-    gen = torch.Generator().manual_seed(1)
-    x = away_from_kink((groups * group_shape[0], *group_shape[1:]), gen).to(device).requires_grad_()
+FP64_CASES = pytest.mark.parametrize("group_shape, groups", [((2, 3, 4, 3), 2), ((3, 5), 3)], ids=["4d", "2d"])
+
+
+def fp64_case(group_shape, groups, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = away_from_kink((groups * group_shape[0], *group_shape[1:]), gen).to(device)
     mask = (torch.rand((groups, *group_shape[1:]), generator=gen) > 0.5).to(device)
-    coeffs = torch.randn(group_shape[1], 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    # fp64 runs on the reference, which rounds its arithmetic to fp32 by contract: finite differences need a step
-    # (1e-3) large against fp32 rounding (~1e-7), and still far below the 0.1 distance to the kink.
-    tolerance = dict(eps=1e-3, atol=2e-3, rtol=1e-3)
-    assert torch.autograd.gradcheck(lambda a, c: fastmask.masked_relu(a, mask, c), (x, coeffs), **tolerance)
-    assert torch.autograd.gradcheck(lambda a: fastmask.masked_relu(a, mask), (x,), **tolerance)
+    coeffs = torch.randn(group_shape[1], 3, generator=gen, dtype=torch.float64).to(device)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device)
+    return x, mask, coeffs, grad
+
+
+def fp64_formula(x, mask, coeffs):
+    """masked_act and its gradients written out in fp64, independently of every backend (reference.py included)."""
+    groups = mask.shape[0]
+    keep = mask.bool().repeat_interleave(x.shape[0] // groups, dim=0)
+    c0, c1, c2 = (coeffs[:, k].reshape(-1, *([1] * (x.dim() - 2))) for k in range(3))
+    out = torch.where(keep, torch.relu(x), c0 + c1 * x + c2 * x * x)
+    slope = torch.where(keep, (x > 0).double(), c1 + 2 * c2 * x)
+    return out, slope, keep
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@FP64_CASES
+def test_gradcheck_fp64_custom_op(monkeypatch, device, backend, group_shape, groups):
+    """Every backend computes fp64 in fp64, so gradcheck passes at its default (fp64) tolerances."""
+    use_backend(monkeypatch, device, backend)
+    x, mask, coeffs, _ = fp64_case(group_shape, groups, device, seed=1)
+    x.requires_grad_()
+    coeffs.requires_grad_()
+    # The interpreter takes a quarter second a launch: there, check random projections of the Jacobian, not all of it.
+    fast = backend == backends.TRITON and device == "cpu"
+    assert torch.autograd.gradcheck(lambda a, c: fastmask.masked_relu(a, mask, c), (x, coeffs), fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda a: fastmask.masked_relu(a, mask), (x,), fast_mode=fast)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@FP64_CASES
+@pytest.mark.parametrize("with_coeffs", [False, True], ids=["identity", "poly"])
+def test_fp64_matches_fp64_formula(monkeypatch, device, backend, group_shape, groups, with_coeffs):
+    """fp64 forward and backward agree with the fp64 formula to fp64 rounding (fp32 arithmetic is off by ~1e-7)."""
+    use_backend(monkeypatch, device, backend)
+    x, mask, coeffs, grad = fp64_case(group_shape, groups, device, seed=8)
+    if not with_coeffs:  # the identity is the polynomial 0 + 1*x + 0*x^2
+        coeffs = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=device).expand(x.shape[1], 3)
+    out, slope, keep = fp64_formula(x, mask, coeffs)
+    tight = dict(atol=1e-12, rtol=1e-12)
+    used = coeffs if with_coeffs else None
+    torch.testing.assert_close(fastmask.masked_relu(x, mask, used), out, **tight)
+    dx, dcoeffs = torch.ops.fastmask.masked_act_backward(grad, x, mask, used)
+    torch.testing.assert_close(dx, grad * slope, **tight)
+    if with_coeffs:
+        replaced = torch.where(keep, torch.zeros_like(grad), grad)
+        dims = [d for d in range(x.dim()) if d != 1]
+        expected = torch.stack([replaced.sum(dims), (replaced * x).sum(dims), (replaced * x * x).sum(dims)], dim=1)
+        torch.testing.assert_close(dcoeffs, expected, **tight)
 
 
 class CompiledMaskedAct(torch.autograd.Function):

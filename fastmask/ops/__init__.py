@@ -3,4 +3,4 @@ from . import reference
 from .conv_bn_act import conv_bn_act
 from .masked_act import masked_relu
 
-__all__ = ["masked_relu", "reference"]
+__all__ = ["conv_bn_act", "masked_relu", "reference"]

@@ -55,6 +55,7 @@ def triton_available() -> bool:
 
 
 def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where kernels run on the CPU through numpy (CI's way of testing them)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

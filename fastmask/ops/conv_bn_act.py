@@ -21,9 +21,7 @@ import torch
 
 from ..errors import FastmaskError
 from . import backends, reference
-
-X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MASK_DTYPES = (torch.bool, torch.uint8)
+from .dtypes import MASK_DTYPES, X_DTYPES
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -118,7 +116,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     x [G*N, C_in, H, W]; weight [C_out, C_in, kh, kw] (no bias); scale/shift [C_out] (fastmask.ops.reference.
     fold_batchnorm gives them); mask [G, C_out, OH, OW] or [C_out, OH, OW], bool/uint8, image n uses mask n // N, None
     means no activation (a shortcut conv + BN); residual shaped like the output; coeffs [C_out, 3] replace removed
-    ReLUs with c0 + c1*y + c2*y^2 instead of the identity. Computes in fp32, returns x's dtype in x's memory format
+    ReLUs with c0 + c1*y + c2*y^2 instead of the identity. Computes in fp32 (fp64 for fp64 x, on the reference), returns
+    x's dtype in x's memory format
     (pass channels_last tensors on the GPU: that is the kernel's layout).
     """
     if mask is not None and mask.dim() == 3:

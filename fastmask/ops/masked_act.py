@@ -13,9 +13,7 @@ import torch
 
 from ..errors import FastmaskError
 from . import backends, reference
-
-MASK_DTYPES = (torch.bool, torch.uint8)
-X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .dtypes import MASK_DTYPES, X_DTYPES
 
 
 def check_inputs(x: torch.Tensor, mask: torch.Tensor, coeffs: Optional[torch.Tensor]) -> None:
@@ -42,9 +40,9 @@ def check_inputs(x: torch.Tensor, mask: torch.Tensor, coeffs: Optional[torch.Ten
 
 def _forward_impl(x, mask, coeffs):
     backend = backends.select(x.device.type)
-    if backend == backends.EXT and x.dtype != torch.float64:
+    if backend == backends.EXT:
         return torch.ops.fastmask_C.masked_act_fwd(x, mask, coeffs)
-    if backend == backends.TRITON and x.dtype != torch.float64:
+    if backend == backends.TRITON:
         from .triton import masked_act as triton_masked_act
         return triton_masked_act.forward(x, mask, coeffs)
     return reference.masked_act(x, mask, coeffs)
@@ -52,9 +50,9 @@ def _forward_impl(x, mask, coeffs):
 
 def _backward_impl(grad, x, mask, coeffs):
     backend = backends.select(x.device.type)
-    if backend == backends.EXT and x.dtype != torch.float64:
+    if backend == backends.EXT:
         return tuple(torch.ops.fastmask_C.masked_act_bwd(grad, x, mask, coeffs))
-    if backend == backends.TRITON and x.dtype != torch.float64:
+    if backend == backends.TRITON:
         from .triton import masked_act as triton_masked_act
         return triton_masked_act.backward(grad, x, mask, coeffs)
     return reference.masked_act_backward(grad, x, mask, coeffs)

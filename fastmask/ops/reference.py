@@ -4,7 +4,8 @@ Conventions shared by every backend:
 - x is [G*N, C, H, W] or [G*N, D]; mask is [G, C, H, W] (or [G, D]), bool or uint8; image n uses mask n // N.
 - mask 1 keeps the ReLU; mask 0 applies the replacement: identity, or with coeffs [C, 3] the polynomial
   c0 + c1*x + c2*x^2 (AutoReP-style). A 2-D x is treated as [G*N, D, 1, 1], so coeffs is then [D, 3].
-- Arithmetic is done in fp32 and the result cast back to x's dtype, which is what the kernels do too.
+- Arithmetic is done in fp32 (fp64 for fp64 inputs, see dtypes.compute_dtype) and the result cast back to x's dtype,
+  which is what the kernels do too.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .dtypes import compute_dtype
 
 
 def _grouped(x: torch.Tensor, mask: torch.Tensor):
@@ -21,19 +24,20 @@ def _grouped(x: torch.Tensor, mask: torch.Tensor):
     return xg, mask.bool().unsqueeze(1)
 
 
-def _channel_view(coeffs: torch.Tensor, x_dim: int, k: int) -> torch.Tensor:
-    """coeffs[:, k] shaped to broadcast against a grouped [G, N, C, ...] tensor."""
-    return coeffs[:, k].float().reshape(1, 1, -1, *([1] * (x_dim - 2)))
+def _channel_view(coeffs: torch.Tensor, x_dim: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """coeffs[:, k] in dtype, shaped to broadcast against a grouped [G, N, C, ...] tensor."""
+    return coeffs[:, k].to(dtype).reshape(1, 1, -1, *([1] * (x_dim - 2)))
 
 
 def masked_act(x: torch.Tensor, mask: torch.Tensor, coeffs: Optional[torch.Tensor] = None) -> torch.Tensor:
     xg, keep = _grouped(x, mask)
-    xf = xg.float()
+    dtype = compute_dtype(x.dtype)
+    xf = xg.to(dtype)
     if coeffs is None:
         replaced = xf
     else:
-        replaced = (_channel_view(coeffs, x.dim(), 0) + _channel_view(coeffs, x.dim(), 1) * xf
-                    + _channel_view(coeffs, x.dim(), 2) * xf * xf)
+        replaced = (_channel_view(coeffs, x.dim(), 0, dtype) + _channel_view(coeffs, x.dim(), 1, dtype) * xf
+                    + _channel_view(coeffs, x.dim(), 2, dtype) * xf * xf)
     out = torch.where(keep, torch.relu(xf), replaced)
     return out.to(x.dtype).reshape(x.shape)
 
@@ -42,13 +46,14 @@ def masked_act_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                         coeffs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx, dcoeffs); dcoeffs is an empty fp32 tensor when coeffs is None."""
     xg, keep = _grouped(x, mask)
-    xf = xg.float()
-    gf = grad.reshape(xg.shape).float()
+    dtype = compute_dtype(x.dtype)
+    xf = xg.to(dtype)
+    gf = grad.reshape(xg.shape).to(dtype)
     if coeffs is None:
         slope = torch.ones_like(xf)
     else:
-        slope = _channel_view(coeffs, x.dim(), 1) + 2.0 * _channel_view(coeffs, x.dim(), 2) * xf
-    dx = gf * torch.where(keep, (xf > 0).float(), slope)
+        slope = _channel_view(coeffs, x.dim(), 1, dtype) + 2.0 * _channel_view(coeffs, x.dim(), 2, dtype) * xf
+    dx = gf * torch.where(keep, (xf > 0).to(dtype), slope)
     if coeffs is None:
         dcoeffs = torch.empty(0, device=x.device, dtype=torch.float32)
     else:
@@ -70,12 +75,14 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
                 coeffs: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 1) -> torch.Tensor:
     """conv2d (no bias) -> per-channel scale/shift (eval-mode BN) -> + residual -> masked activation.
 
-    mask None means no activation at all (a shortcut conv + BN). Computed in fp32, returned in x's dtype.
+    mask None means no activation at all (a shortcut conv + BN). Computed in fp32 (fp64 for fp64 x), returned in x's
+    dtype.
     """
-    y = F.conv2d(x.float(), weight.float(), stride=stride, padding=padding)
-    y = y * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
+    dtype = compute_dtype(x.dtype)
+    y = F.conv2d(x.to(dtype), weight.to(dtype), stride=stride, padding=padding)
+    y = y * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
     if residual is not None:
-        y = y + residual.float()
+        y = y + residual.to(dtype)
     if mask is not None:
         y = masked_act(y, mask, coeffs)
     return y.to(x.dtype)

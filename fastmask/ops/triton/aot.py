@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .launch import interpreting
+from ..backends import triton_interpreting
 
 
 class AotUnavailable(RuntimeError):
@@ -73,7 +73,7 @@ def _binder_and_backend(fn, arch: int):
 @contextlib.contextmanager
 def compile_only(arch: int, label: str = "") -> Iterator[list[CompiledVariant]]:
     """Within: Triton launches compile for sm_<arch> and append a CompiledVariant (tagged label) instead of running."""
-    if interpreting():
+    if triton_interpreting():
         raise AotUnavailable("TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled for a GPU")
     from triton.runtime.jit import JITFunction
 

@@ -28,14 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import as_uint8, interpreting, on_device
+from ..backends import triton_interpreting
+from .launch import as_uint8, on_device
 
 PACKED_K_BELOW = 16  # C_in below this packs (kh, kw, C_in) into one K axis
 
 
 def configs(pointwise: bool) -> list:
     """Launch configs to autotune over (Hopper-sized tiles); one small config under the interpreter."""
-    if interpreting():
+    if triton_interpreting():
         # The interpreter crashes autotuning more than one config, and tiny tiles keep it fast.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     shapes = [(128, 64, 32, 4), (128, 128, 64, 3), (128, 128, 64, 4), (128, 64, 64, 4), (64, 128, 64, 4),
@@ -152,7 +153,7 @@ _best: dict[tuple, triton.Config] = {}
 
 def _precision(x: torch.Tensor) -> str:
     """fp32 dots: exact under the interpreter; on the GPU follow torch's own conv setting (tf32 by default)."""
-    if x.dtype != torch.float32 or interpreting() or x.device.type != "cuda":
+    if x.dtype != torch.float32 or triton_interpreting() or x.device.type != "cuda":
         return "ieee"
     return "tf32" if cudnn_conv_allows_tf32() else "ieee"
 
@@ -170,7 +171,7 @@ def _rows_bucket(rows: int) -> int:
     """Problems are remembered by rows rounded up to a power of two: every config is correct at any row count and the
     best one barely moves within a factor of 2, while scoring's chunk sizes (so rows) vary from call to call and
     retuning each costs seconds."""
-    return 1 << max(0, rows - 1).bit_length()
+    return triton.next_power_of_2(rows)
 
 
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int, int, int]:

@@ -1,15 +1,9 @@
-"""What every launcher needs: interpreter detection, the device a launch runs on, power-of-two block sizes."""
+"""What every launcher needs: the device a launch runs on, and masks as bytes."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where kernels run on the CPU through numpy (CI's way of testing them)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def on_device(tensor: torch.Tensor):
@@ -17,10 +11,6 @@ def on_device(tensor: torch.Tensor):
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def as_uint8(mask: torch.Tensor) -> torch.Tensor:
