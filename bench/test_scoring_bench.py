@@ -9,7 +9,9 @@ run once instead of K times).
 
 - CUDA (skips without a GPU): ResNet18, 100 classes, 32x32, width 64, a 1,024-image subset, K = 8 and 50;
   batched runs the fused conv_bn_act path (and, as a second row, the module path). Target: >= 4x sequential.
-- CPU: a reduced case (width 16, 256 images, K = 8). Target: batched >= 0.95x sequential.
+- CPU: a reduced case (width 16, 256 images, K = 8). Target: batched >= 0.95x sequential. Scoring sizes its stacked
+  passes on the CPU to the last-level cache (recorded in the JSON as cpu_last_level_cache_bytes): one pass of all
+  2,048 rows streams every activation through memory and loses to the loop's 128-image forwards.
 Candidates are DRC = 100 ReLUs sampled uniformly from the present ones (MaskSet.sample), as a BCD step draws them.
 
 Run: python -m pytest bench/test_scoring_bench.py -q --benchmark-json=bench/results/scoring.json
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 import fastmask as fm
 from fastmask.search import fused_forward
-from fastmask.search.scoring import first_differing_block, score_hypotheses
+from fastmask.search.scoring import first_differing_block, last_level_cache_bytes, score_hypotheses
 
 CLASSES, IMAGE = 100, 32
 DRC = 100
@@ -137,6 +139,7 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
             "threads": torch.get_num_threads(), "width": width, "images": n_images, "K": k, "drc": DRC,
             "first_differing_block": first, "prefix_conv_flops_skipped": skipped,
             "max_correct_count_mismatch": mismatch,
+            "cpu_last_level_cache_bytes": last_level_cache_bytes() if device.type == "cpu" else None,
             "sequential_s": seconds["sequential"], "sequential_candidates_per_s": k / seconds["sequential"]}
     bench_table(TABLE, variant="sequential (baseline)", device=info["device"], width=width, images=n_images, K=k,
                 seconds=seconds["sequential"], cand_per_s=k / seconds["sequential"], ratio=1.0,

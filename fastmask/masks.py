@@ -2,12 +2,15 @@
 
 Sites are in forward order; the flat index runs over sites, then (c, h, w) in row-major order, so a flat index
 names one ReLU of the network. Sampling, removal and candidate construction all work on flat indices.
+The sites' transient search state (candidate masks, SNL alphas) is set only through the context managers here, so
+it never outlives the `with` block that needs it, whatever that block raises.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -115,6 +118,46 @@ class MaskSet:
         """The earliest site (forward order) any candidate changes; sites before it are shared by all."""
         lowest = min(int(c.min()) for c in candidates if c.numel())
         return int(self.site_of(torch.tensor([lowest]))[0])
+
+    # ---- transient search state ----------------------------------------------------------------------------------
+    @contextmanager
+    def hypotheses(self, per_site: Sequence[Optional[torch.Tensor]]) -> Iterator[None]:
+        """Inside the block, site s applies the K candidate masks per_site[s] ([K, *shape]; image n of a [K*N, ...]
+        batch uses mask n // N); a None entry leaves that site on its own mask for every group. On exit every site
+        has the hypotheses it had before (None outside any such block)."""
+        if len(per_site) != len(self.sites):
+            raise FastmaskError(f"hypotheses: {len(per_site)} entries for {len(self.sites)} sites")
+        groups = {int(masks.shape[0]) for masks in per_site if masks is not None}
+        if len(groups) > 1:
+            raise FastmaskError(f"hypotheses: every site must hold the same number of candidates, got {sorted(groups)}")
+        for name, site, masks in zip(self.names, self.sites, per_site):
+            if masks is not None and tuple(masks.shape[1:]) != site.shape:
+                raise FastmaskError(f"hypotheses for site {name} have shape {tuple(masks.shape)}, "
+                                    f"expected [K, {', '.join(map(str, site.shape))}]")
+        before = [site.hypotheses for site in self.sites]
+        try:
+            for site, masks in zip(self.sites, per_site):
+                site.hypotheses = masks
+            yield
+        finally:
+            for site, saved in zip(self.sites, before):
+                site.hypotheses = saved
+
+    @contextmanager
+    def alphas(self) -> Iterator[list[nn.Parameter]]:
+        """SNL's soft masks for the block: every site gets an alpha, 1 where its ReLU is present, 0 and
+        gradient-frozen where absent (MaskedReLU.attach_alpha); yields them in site order, removes them on exit."""
+        if self.carries_alphas():
+            raise FastmaskError("the sites already carry alphas; leave the enclosing alphas() block first")
+        try:
+            yield [site.attach_alpha() for site in self.sites]
+        finally:
+            for site in self.sites:
+                site.detach_alpha()
+
+    def carries_alphas(self) -> bool:
+        """Whether any site has an SNL alpha attached (its soft mask then overrides the binary one)."""
+        return any(site.alpha is not None for site in self.sites)
 
     # ---- files -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ class MaskedReLU(nn.Module):
     """ReLU kept where `mask` is 1, replaced where it is 0 (identity, or a learnable per-channel polynomial).
 
     mask is a bool buffer shaped like one image's activation ([C, H, W] or [D]), so it is saved with the model.
-    Two transient states are used by the search code and never saved:
+    Two transient states are used by the search code and never saved; MaskSet.hypotheses() and MaskSet.alphas()
+    set them for the length of a `with` block:
     - `hypotheses` ([K, *shape]): K candidate masks scored in one pass; the batch is K stacked copies of the images.
     - `alpha` ([*shape] float Parameter): SNL's soft mask, alpha * relu(x) + (1 - alpha) * x.
     """
@@ -41,11 +42,26 @@ class MaskedReLU(nn.Module):
     def relu_count(self) -> int:
         return int(self.mask.sum())
 
+    def active_mask(self) -> torch.Tensor:
+        """The masks this site applies now, [G, *shape]: the hypotheses when set, else its own mask as one group."""
+        return self.hypotheses if self.hypotheses is not None else self.mask.unsqueeze(0)
+
+    def attach_alpha(self) -> nn.Parameter:
+        """Gives the site SNL's alpha: 1 where its ReLU is present, 0 where absent. The absent ones stay 0: their
+        gradient is masked to 0 (and the L1 subgradient of |0| is 0 too), so no optimizer brings them back."""
+        keep = self.mask.detach().clone()
+        alpha = nn.Parameter(keep.float())
+        alpha.register_hook(lambda grad: grad * keep)
+        self.alpha = alpha
+        return alpha
+
+    def detach_alpha(self) -> None:
+        self.alpha = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.alpha is not None:
-            return reference.soft_masked_act(x, self.alpha)
-        mask = self.hypotheses if self.hypotheses is not None else self.mask.unsqueeze(0)
-        return masked_relu(x, mask, self.coeffs)
+            return reference.soft_masked_act(x, self.alpha, self.coeffs)
+        return masked_relu(x, self.active_mask(), self.coeffs)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, kept={self.relu_count()}, polynomial={self.coeffs is not None}"

@@ -44,3 +44,22 @@ def test_converted_sites_are_independent_and_masks_take_effect():
 def test_model_without_relu_is_an_error():
     with pytest.raises(FastmaskError, match="no ReLU"):
         fm.convert(nn.Linear(3, 3), torch.randn(1, 3))
+
+
+def test_converted_sites_take_hypotheses_per_group():
+    """A converted model scores K masks in one stacked batch like our own models: group k uses candidate k."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
+    converted = fm.convert(net, torch.randn(1, 3, 5, 5)).eval()
+    ms = fm.MaskSet(converted)
+    candidates = [torch.arange(0, 40), torch.arange(50, 100)]
+    x = torch.randn(6, 3, 5, 5)
+    with torch.no_grad(), ms.hypotheses(ms.candidate_masks(candidates)):
+        stacked = converted(torch.cat([x, x]))
+    assert all(site.hypotheses is None for site in ms.sites)
+    saved = ms.snapshot()
+    for k, candidate in enumerate(candidates):
+        ms.remove(candidate)
+        with torch.no_grad():
+            torch.testing.assert_close(stacked[6 * k:6 * (k + 1)], converted(x))
+        ms.restore(saved)

@@ -99,3 +99,64 @@ def test_loading_masks_of_another_arch_fails_clearly(model, tmp_path):
     wider = fm.models.create("resnet18", 10, 8, width=8)
     with pytest.raises(FastmaskError, match="another architecture"):
         fm.MaskSet(wider).load(path)
+
+
+# ---- transient search state --------------------------------------------------------------------------------------
+def test_hypotheses_are_set_inside_the_block_and_restored_after(model):
+    ms = fm.MaskSet(model)
+    masks = ms.candidate_masks([torch.tensor([ms.offsets[3]]), torch.tensor([ms.offsets[3] + 1])])
+    per_site = [masks[s] if s == 3 else None for s in range(len(ms.sites))]
+    with ms.hypotheses(per_site):
+        assert ms.sites[3].hypotheses is masks[3]
+        assert ms.sites[3].active_mask().shape == (2, *ms.sites[3].shape)
+        assert all(site.hypotheses is None for s, site in enumerate(ms.sites) if s != 3)
+        assert ms.sites[0].active_mask().shape == (1, *ms.sites[0].shape)  # its own mask, for every group
+    assert all(site.hypotheses is None for site in ms.sites)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ms.hypotheses(per_site):
+            raise RuntimeError("boom")
+    assert all(site.hypotheses is None for site in ms.sites)
+
+
+def test_hypotheses_are_checked(model):
+    ms = fm.MaskSet(model)
+    none = [None] * len(ms.sites)
+    with pytest.raises(FastmaskError, match="entries"):
+        with ms.hypotheses(none[:-1]):
+            pass
+    wrong_shape = list(none)
+    wrong_shape[0] = torch.ones(2, 1, 2, 3, dtype=torch.bool)
+    with pytest.raises(FastmaskError, match="shape"):
+        with ms.hypotheses(wrong_shape):
+            pass
+    two_sizes = list(none)
+    two_sizes[0] = torch.ones(2, *ms.sites[0].shape, dtype=torch.bool)
+    two_sizes[1] = torch.ones(3, *ms.sites[1].shape, dtype=torch.bool)
+    with pytest.raises(FastmaskError, match="same number"):
+        with ms.hypotheses(two_sizes):
+            pass
+    assert all(site.hypotheses is None for site in ms.sites)
+
+
+def test_alphas_are_one_where_present_zero_and_frozen_where_absent(model):
+    ms = fm.MaskSet(model)
+    ms.remove(ms.sample(300, torch.Generator().manual_seed(3)))
+    present = ms.flat()
+    with ms.alphas() as alphas:
+        assert len(alphas) == len(ms.sites) and ms.carries_alphas()
+        assert all(site.alpha is alpha for site, alpha in zip(ms.sites, alphas))
+        flat = torch.cat([alpha.detach().reshape(-1) for alpha in alphas])
+        assert torch.equal(flat, present.float())
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        grads = torch.cat([alpha.grad.reshape(-1) for alpha in alphas])
+        assert torch.all(grads[~present] == 0) and grads[present].abs().sum() > 0
+        with pytest.raises(FastmaskError, match="already carry alphas"):
+            with ms.alphas():
+                pass
+        assert ms.carries_alphas()  # the refused inner block left the outer alphas alone
+    assert not ms.carries_alphas()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ms.alphas():
+            raise RuntimeError("boom")
+    assert not ms.carries_alphas()
+    assert not any("alpha" in name for name in model.state_dict())

@@ -69,3 +69,37 @@ def test_bad_arch_and_sizes_are_clear_errors():
         fm.models.create("vgg16", 10, 32)
     with pytest.raises(FastmaskError):
         fm.models.create("resnet18", 1, 32)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+@pytest.mark.parametrize("polynomial", [False, True])
+def test_folded_blocks_compute_what_the_blocks_do(arch, polynomial, monkeypatch):
+    """Every block's fold(), run by the fused path (with the reference op standing in for the kernel), gives the
+    block's own eval-mode output: BN statistics and affine, shortcuts, residuals and masks all in their places."""
+    from fastmask.ops import reference
+    from fastmask.search import fused_forward
+
+    monkeypatch.setattr(fused_forward, "_conv_bn_act", lambda: reference.conv_bn_act)
+    torch.manual_seed(0)
+    model = fm.models.create(arch, 10, 8, width=4, polynomial=polynomial).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    ms = fm.MaskSet(model)
+    ms.remove(ms.sample(ms.total() // 2, torch.Generator().manual_seed(0)))
+    for _, site in fm.masked_sites(model):
+        if site.coeffs is not None:
+            site.coeffs.data.uniform_(-0.3, 0.3)
+    runner = fused_forward.FusedBlocks(model.blocks)
+    x = model.stem(torch.randn(3, 3, 8, 8))
+    with torch.no_grad():
+        for index, block in enumerate(model.blocks):
+            folded = block.fold()
+            projects = block.shortcut is not None and any(isinstance(m, torch.nn.Conv2d)
+                                                          for m in block.shortcut.modules())
+            assert (folded.shortcut is not None) == projects
+            torch.testing.assert_close(runner.block_forward(index)(x), block(x), rtol=1e-5, atol=1e-5)
+            x = block(x)

@@ -1,5 +1,6 @@
 """score_hypotheses against the plain loop (each candidate alone on a deep copy, model(images)): counts, losses,
-prefix sharing, chunking, early stop, the mask index of each group, state left behind, and the fused block path."""
+prefix sharing, chunking, early stop, the mask index of each group, polynomial sites, state left behind, the CPU's
+rows per pass, and the fused block path."""
 import copy
 import os
 import subprocess
@@ -49,9 +50,16 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def make_model(arch: str, seed: int = 0, removed_fraction: float = 0.3) -> nn.Module:
+def make_model(arch: str, seed: int = 0, removed_fraction: float = 0.3, polynomial: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    model = _randomize(fm.models.create(arch, CLASSES, IMAGE, width=WIDTHS[arch]), seed)
+    model = _randomize(fm.models.create(arch, CLASSES, IMAGE, width=WIDTHS[arch], polynomial=polynomial), seed)
+    if polynomial:  # coefficients away from the identity start, different per channel and site
+        g = torch.Generator().manual_seed(seed + 1)
+        for _, site in fm.masked_sites(model):
+            c = site.coeffs.shape[0]
+            site.coeffs.data.copy_(torch.stack([0.1 * torch.randn(c, generator=g),
+                                                0.5 + 0.3 * torch.rand(c, generator=g),
+                                                0.05 * torch.randn(c, generator=g)], dim=1))
     ms = fm.MaskSet(model)
     ms.remove(ms.sample(int(ms.total() * removed_fraction), torch.Generator().manual_seed(seed)))
     model.train()  # scoring must switch to eval itself (BN batch statistics would change every count)
@@ -182,6 +190,30 @@ def test_model_without_blocks_is_scored_whole():
     assert_matches_plain(score_hypotheses(model, candidates, images, labels), candidates, model, images, labels)
 
 
+# ---- polynomial sites ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
+@pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
+def test_polynomial_sites_match_sequential_module_scoring(arch, fused, monkeypatch):
+    """Removed ReLUs become c0 + c1 x + c2 x^2 per channel: batched scoring (module path, or the fused path with the
+    reference op standing in for the kernel) equals each candidate scored alone through the modules."""
+    if fused:
+        monkeypatch.setattr(fused_forward, "_conv_bn_act", lambda: reference.conv_bn_act)
+    model = make_model(arch, polynomial=True)
+    images, labels = make_data(12)
+    candidates = sample_candidates(model, 5, size=150)
+    scores = score_hypotheses(model, candidates, images, labels, fused=fused, chunk_size=3, batch_size=8)
+    assert torch.isfinite(scores.loss).all()
+    assert_matches_plain(scores, candidates, model, images, labels)
+    acc, loss = score_current(model, images, labels, fused=fused)
+    assert (acc, loss) == pytest.approx(score_current(model, images, labels, fused=False), rel=1e-5)
+    # The coefficients matter here: with identity replacements the same candidates score otherwise.
+    identity = copy.deepcopy(model)
+    for _, site in fm.masked_sites(identity):
+        site.coeffs.data.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    _, identity_loss, _ = plain_scores(identity, candidates, images, labels)
+    assert (identity_loss - scores.loss).abs().min() > 1e-3
+
+
 # ---- prefix sharing ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["resnet18", "wide_resnet22_8"])
 @pytest.mark.parametrize("where", ["early", "late"])
@@ -268,6 +300,43 @@ def test_memory_budget_sets_the_chunk(site, k, batch_sizes):
     finally:
         recorder.close()
     assert {block: recorder.sizes[block] for block in batch_sizes} == batch_sizes
+
+
+# ---- rows per pass on the CPU --------------------------------------------------------------------------------------
+# Candidates touch site 0 only (block 0): the stacked part starts at block 0, whose largest activation is the stem's
+# 4 x 8 x 8 output, so one row (image x candidate) keeps LIVE_ACTIVATIONS x 256 fp32 = 4 KiB live.
+ROW_BYTES = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4
+
+
+@pytest.mark.parametrize("cache_rows, block0_sizes", [
+    (None, [4 * 8]),  # cache size unknown: the memory budget alone, all 4 candidates in one pass
+    (10**6, [4 * 8]),  # a large cache changes nothing
+    (17, [16, 16]),  # 17 rows: two candidates of 8 images a pass
+    (10, [8] * 4),  # one candidate a pass
+    (4, [4, 4] * 4),  # one candidate's 8 images are too many rows: the image batch is cut too
+])
+def test_cpu_passes_fit_the_last_level_cache(monkeypatch, cache_rows, block0_sizes):
+    cache = None if cache_rows is None else cache_rows * ROW_BYTES
+    monkeypatch.setattr(scoring, "last_level_cache_bytes", lambda: cache)
+    model = make_model("resnet18")
+    images, labels = make_data(8)
+    candidates = sample_candidates(model, 4, size=20, sites=[0])
+    recorder = BatchRecorder(model)
+    try:
+        scores = score_hypotheses(model, candidates, images, labels)
+    finally:
+        recorder.close()
+    assert recorder.sizes[0] == block0_sizes
+    assert_matches_plain(scores, candidates, model, images, labels)
+
+
+def test_cache_size_is_read_once_and_parsed():
+    assert scoring.last_level_cache_bytes() == scoring.last_level_cache_bytes()
+    size = scoring.last_level_cache_bytes()
+    assert size is None or size >= 2**10
+    assert scoring._parse_size("48K\n") == 48 * 2**10 and scoring._parse_size("32M") == 32 * 2**20
+    with pytest.raises(ValueError):
+        scoring._parse_size("lots")
 
 
 # ---- early stop ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Model registry: create(arch, num_classes, image_size, width=...). Every ReLU site is a MaskedReLU.
 
-Every model exposes stem(x), blocks (a list, in forward order) and head(x), so scoring can run blocks one by one.
+Every model exposes stem(x), blocks (a list, in forward order) and head(x), so scoring can run blocks one by one,
+and every block has fold() -> FoldedBlock, its computation with BN folded, which the fused scoring path runs.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..errors import FastmaskError
+from .folding import FoldedAct, FoldedBlock, FoldedConv
 from .resnet import ResNet18
 from .wide_resnet import WideResNet22
 
@@ -42,4 +44,4 @@ def create(arch: str, num_classes: int, image_size: int, width: Optional[int] = 
     return model
 
 
-__all__ = ["ARCHS", "create", "default_width", "ResNet18", "WideResNet22"]
+__all__ = ["ARCHS", "FoldedAct", "FoldedBlock", "FoldedConv", "ResNet18", "WideResNet22", "create", "default_width"]

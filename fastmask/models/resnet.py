@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import MaskedReLU
+from .folding import FoldedBlock, FoldedConv
 
 
 class BasicBlock(nn.Module):
@@ -28,6 +29,12 @@ class BasicBlock(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
+
+    def fold(self) -> FoldedBlock:
+        """This block for the fused path (eval-mode BN; fold again after the weights or statistics change)."""
+        shortcut = FoldedConv.of(self.shortcut[0], self.shortcut[1]) if len(self.shortcut) else None
+        return FoldedBlock(conv1=FoldedConv.of(self.conv1, self.bn1, self.relu1),
+                           conv2=FoldedConv.of(self.conv2, self.bn2, self.relu2), shortcut=shortcut)
 
 
 class ResNet18(nn.Module):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import MaskedReLU
+from .folding import FoldedAct, FoldedBlock, FoldedConv
 
 DEPTH = 22
 BLOCKS_PER_GROUP = (DEPTH - 4) // 6
@@ -35,6 +36,13 @@ class PreActBlock(nn.Module):
         out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
         skip = x if self.shortcut is None else self.shortcut(activated)
         return out + skip
+
+    def fold(self) -> FoldedBlock:
+        """This block for the fused path (eval-mode BN; fold again after the weights or statistics change).
+        bn2 follows conv1; conv2 and the projection have no BN and no activation after them."""
+        shortcut = FoldedConv.of(self.shortcut) if self.shortcut is not None else None
+        return FoldedBlock(conv1=FoldedConv.of(self.conv1, self.bn2, self.relu2), conv2=FoldedConv.of(self.conv2),
+                           shortcut=shortcut, pre=FoldedAct.of(self.bn1, self.relu1))
 
 
 class WideResNet22(nn.Module):

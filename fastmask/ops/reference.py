@@ -65,9 +65,16 @@ def masked_act_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     return dx.to(x.dtype).reshape(x.shape), dcoeffs
 
 
-def soft_masked_act(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """SNL's relaxation: alpha * relu(x) + (1 - alpha) * x, alpha [C, H, W] learnable (differentiable here)."""
-    return x + alpha * (torch.relu(x) - x)
+def soft_masked_act(x: torch.Tensor, alpha: torch.Tensor, coeffs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SNL's relaxation: alpha * relu(x) + (1 - alpha) * r(x), alpha [C, H, W] learnable (differentiable here), r
+    the identity or, with coeffs [C, 3], the per-channel polynomial."""
+    if coeffs is None:
+        replaced = x
+    else:
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        c = coeffs.to(x.dtype)
+        replaced = c[:, 0].reshape(view) + c[:, 1].reshape(view) * x + c[:, 2].reshape(view) * x * x
+    return replaced + alpha * (torch.relu(x) - replaced)
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
