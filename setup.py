@@ -84,7 +84,8 @@ def cuda_plan() -> str | None:
     nvcc = find_nvcc()
     if nvcc is None:
         if wanted == "1":
-            sys.exit("FASTMASK_BUILD_CUDA=1 but nvcc was not found: put the CUDA toolkit's bin/ on PATH or set CUDA_HOME")
+            sys.exit("FASTMASK_BUILD_CUDA=1 but nvcc was not found: put the CUDA toolkit's bin/ on PATH or set "
+                     "CUDA_HOME")
         print("fastmask: nvcc not found, building the C++ CPU kernels only", file=sys.stderr)
         return None
     import torch

@@ -6,7 +6,6 @@ checkpoint made for another model fails with a message instead of a shape error.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,21 +13,28 @@ import torch.nn as nn
 
 from . import models
 from .errors import FastmaskError
+from .files import atomic_write
 
 SPEC_KEY = "fastmask_spec"
 
 
+def model_spec(model: nn.Module) -> dict:
+    """The model's identity (arch, classes, image size, width, ...), set by fastmask.models.create."""
+    spec = getattr(model, "fastmask_spec", None)
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise FastmaskError(f"{type(model).__name__} has no fastmask model spec, so it could not be rebuilt from a "
+                            "checkpoint; build it with fastmask.models.create")
+    return spec
+
+
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> None:
-    """Writes atomically (temp file + rename), so a kill never leaves a half-written checkpoint."""
+    """Writes atomically, so a kill never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {SPEC_KEY: json.dumps(getattr(model, "fastmask_spec", {})), "extra": json.dumps(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    metadata = {SPEC_KEY: json.dumps(model_spec(model)), "extra": json.dumps(extra or {})}
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def read_spec(path: str | Path) -> tuple[dict, dict]:

@@ -1,61 +1,317 @@
-"""fastmask-linearize's settings: defaults (the paper's, or the small offline demo's), a YAML file, then flags.
+"""The run config: one tree of dataclasses, and the single place each setting's name, default, type, help and check
+are written. fastmask-linearize's flags, the YAML reader, config.yaml and the validator are all derived from it.
 
-Flags default to None so that a flag the user did not type never overrides a YAML value; resolve() merges
-defaults <- YAML <- flags and checks every value before anything is written.
+Precedence: field defaults <- preset <- YAML file <- flags. A preset is a named set of overrides: `paper` is the
+paper's Algorithm 2 exactly, `demo` the small offline run on the embedded digits data (picked when no preset is
+given and the dataset is digits). YAML takes the nested layout config.yaml is written in, or flat flag names
+(`snl_lr: 0.01`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .errors import FastmaskError
 
-# Everything a run is made of. Order is the order of config.yaml.
-KEYS = ("dataset", "data_dir", "arch", "width", "checkpoint", "teacher", "ref_budget", "targets", "drc", "rt", "adt",
-        "criterion", "finetune_epochs", "finetune_optimizer", "finetune_lr", "baseline_epochs", "snl_epochs",
-        "snl_lr", "snl_lambda0", "snl_finetune_epochs", "score_subset", "val_size", "seed", "device", "out")
-# Keys that may change between a run and its --resume without making it another run.
-RUNTIME_KEYS = ("device", "out")
-
-# The paper's BCD settings (CIFAR; TinyImageNet finetunes 5 epochs per step) and a standard baseline recipe.
-PAPER = {"arch": "resnet18", "drc": 100, "rt": 50, "adt": 0.3, "criterion": "accuracy", "finetune_epochs": 20,
-         "baseline_epochs": 200, "snl_epochs": 2000, "snl_lr": 1e-3, "snl_lambda0": 1e-5, "snl_finetune_epochs": 100,
-         "score_subset": 0, "val_size": 0.1, "seed": 0, "out": "fastmask_runs/run"}
-PAPER_FINETUNE_EPOCHS = {"tinyimagenet": 5}
-
-# The offline demo (no arguments): 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs). Sized to finish in a
-# few minutes on 2 CPU cores. ADT is 2 points because the ~1,300-image train split's standard error at ~90% accuracy
-# is ~0.8 points: below 2 standard errors candidates would be picked on noise (the driver warns then). SNL's lr and lambda0 are 10x and 100x the paper's:
-# an epoch here is only 11 steps, and Adam moves an alpha by about lr per step (calibration note).
-DIGITS = {"dataset": "digits", "arch": "resnet18", "width": 8, "ref_budget": 3000, "targets": [2000, 1200],
-          "drc": 200, "rt": 8, "adt": 2.0, "criterion": "accuracy", "finetune_epochs": 1, "baseline_epochs": 15,
-          "snl_epochs": 15, "snl_lr": 1e-2, "snl_lambda0": 1e-3, "snl_finetune_epochs": 3, "score_subset": 0,
-          "val_size": 0.1, "seed": 0, "out": "fastmask_runs/digits"}
+CRITERIA = ("accuracy", "loss")
+OPTIMIZERS = ("sgd", "adam")
+METHODS = ("bcd", "snl", "both")
+REPLACEMENTS = ("identity", "polynomial")
+PROPOSALS = ("uniform", "informed")
+SCORINGS = ("exact", "race")
 
 
-def parse_targets(value: Any) -> Optional[list[int]]:
-    """"20000,15000" or [20000, 15000] (or "20k,15k") -> [20000, 15000]."""
-    if value is None:
-        return None
+def setting(default: Any, help: str, kind: Callable = str, check: Optional[Callable] = None,
+            choices: Sequence[str] = (), flag: Optional[str] = None, runtime: bool = False):
+    """A config field. kind converts a YAML/flag value; check(value) returns an error text or None; runtime fields
+    (device, out) may change between a run and its --resume; flag overrides the derived flag name."""
+    metadata = {"help": help, "kind": kind, "check": check, "choices": tuple(choices), "flag": flag,
+                "runtime": runtime}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---- kinds and checks --------------------------------------------------------------------------------------------
+def whole(value: Any) -> int:
+    number = float(value)
+    if math.isnan(number) or number != int(number):
+        raise ValueError("not a whole number")
+    return int(number)
+
+
+def number(value: Any) -> float:
+    result = float(value)
+    if math.isnan(result):
+        raise ValueError("NaN")
+    return result
+
+
+def budgets(value: Any) -> list[int]:
+    """"20000,15000", "20k,15k" or [20000, 15000] -> [20000, 15000]."""
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    targets = []
+    result = []
     for item in items:
         text = str(item).strip().lower().replace("_", "")
-        if not text:
-            continue
-        scale = 1000 if text.endswith("k") else 1
+        if text:
+            scale = 1000 if text.endswith("k") else 1
+            result.append(whole(float(text[:-1] if scale > 1 else text) * scale))
+    return result
+
+
+def positive(value) -> Optional[str]:
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value) -> Optional[str]:
+    return None if value >= 0 else "must be >= 0"
+
+
+def descending_non_negative(values) -> Optional[str]:
+    if any(t < 0 for t in values):
+        return "must be >= 0"
+    if any(b >= a for a, b in zip(values, values[1:])):
+        return "must be strictly descending"
+    return None
+
+
+# ---- the tree ----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    dataset: str = setting("digits", "digits (the offline default), cifar10, cifar100, tinyimagenet, or npz:<path>")
+    data_dir: Optional[str] = setting(None, "folder holding the dataset (cifar, tinyimagenet); cifar is downloaded "
+                                            "there when missing and the machine is online")
+    val_size: float = setting(0.1, "validation images carved from train: a count, or a fraction below 1",
+                              kind=number, check=positive)
+
+
+@dataclass
+class ModelConfig:
+    arch: Optional[str] = setting(None, "resnet18 or wide_resnet22_8 (default: the checkpoint's, else resnet18)")
+    width: Optional[int] = setting(None, "channel width of the first stage (resnet18: 64, wrn: 128)", kind=whole,
+                                   check=positive)
+    checkpoint: Optional[str] = setting(None, "trained model (.safetensors from fastmask); without it a baseline is "
+                                              "trained")
+    teacher: Optional[str] = setting(None, "model to distill from during SNL and finetunes (default: the full-ReLU "
+                                           "baseline when the run has one)")
+
+
+@dataclass
+class BaselineConfig:
+    epochs: int = setting(200, "epochs of baseline training when there is no checkpoint", kind=whole, check=positive)
+
+
+@dataclass
+class SNLConfig:
+    """SNL (Cho et al. 2022): the defaults are SNL's own."""
+
+    ref_budget: Optional[int] = setting(None, "B_ref: SNL cuts the model to this many ReLUs before BCD", kind=whole,
+                                        check=positive, flag="ref-budget")
+    epochs: int = setting(2000, "most epochs SNL's alpha phase may spend reaching B_ref", kind=whole, check=positive)
+    lr: float = setting(1e-3, "SNL's Adam lr on weights and alphas", kind=number, check=positive)
+    lambda0: float = setting(1e-5, "SNL's initial L1 weight on the alphas (raise it for small models and short "
+                                   "runs: Adam moves an alpha by about lr per step)", kind=number, check=non_negative)
+    lambda_growth: float = setting(1.1, "factor on lambda after an epoch in which the count reached no new low",
+                                   kind=number, check=lambda v: None if v >= 1 else "must be >= 1")
+    threshold: float = setting(1e-2, "an alpha above this counts as a ReLU", kind=number, check=non_negative)
+    stall_patience: int = setting(5, "epochs before lambda may grow (0-based, as SNL's code)", kind=whole,
+                                  check=non_negative)
+    finetune_epochs: int = setting(100, "finetune epochs after SNL binarizes", kind=whole, check=non_negative)
+    target_epochs: Optional[int] = setting(None, "most alpha-phase epochs from B_ref to each target (--method snl or "
+                                                 "both; default: --snl-epochs)", kind=whole, check=positive)
+
+
+@dataclass
+class BCDConfig:
+    """The paper's Algorithm 2: drc/rt/adt as in the paper; adt is in accuracy points (or loss units for loss)."""
+
+    targets: Optional[list[int]] = setting(None, "ReLU budgets, strictly descending, e.g. 20000,15000 or 20k,15k",
+                                           kind=budgets, check=descending_non_negative)
+    drc: int = setting(100, "ReLUs removed per BCD step", kind=whole, check=positive)
+    rt: int = setting(50, "candidates tried per step", kind=whole, check=positive)
+    adt: float = setting(0.3, "accuracy degradation tolerance, accuracy points (loss units for --criterion loss)",
+                         kind=number, check=non_negative)
+    criterion: str = setting("accuracy", "drop measured in accuracy or in loss", choices=CRITERIA)
+    score_subset: int = setting(0, "train images candidates are scored on (0 = the whole train split)", kind=whole,
+                                check=non_negative)
+    score_batch_size: int = setting(512, "images per scoring batch", kind=whole, check=positive)
+    proposal: str = setting("informed", "how candidates are drawn: uniform (the paper's), or informed: from the "
+                                        "ReLUs whose first-order removal cost |dL/dy * (r(x) - relu(x))| is smallest",
+                            choices=PROPOSALS)
+    pool: float = setting(4.0, "informed: candidates are drawn from the pool*DRC cheapest ReLUs", kind=number,
+                          check=lambda v: None if v >= 1 else "must be >= 1")
+    # 0.5 makes the cheapest pool member e^2 (about 7x) likelier to be drawn first than the dearest one: candidates
+    # lean cheap but still explore the whole pool.
+    temperature: float = setting(0.5, "informed: sampling temperature inside the pool, in units of its cost "
+                                      "spread (inf: uniform in the pool)", kind=number, check=positive)
+    scoring: str = setting("race", "exact: the paper's rule (first candidate under ADT, all images); race: "
+                                   "successive halving on growing slices, survivors scored on every image",
+                           choices=SCORINGS)
+    race_eta: int = setting(2, "race: keep 1/eta of the candidates per round, eta times the images",
+                            kind=whole, check=lambda v: None if v >= 2 else "must be >= 2")
+
+    def validate(self, start_count: int) -> None:
+        """The checks that need the model: targets given and below the count BCD starts from."""
+        check(self)
+        if not self.targets:
+            raise FastmaskError("BCD needs at least one target ReLU budget: --targets is required (e.g. --targets "
+                                "20000,15000)")
+        if self.targets[0] >= start_count:
+            raise FastmaskError(f"target {self.targets[0]} is at or above the ReLU count BCD starts from "
+                                f"({start_count}); give targets below it")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: Optional[int] = setting(None, "finetune epochs per BCD step (default: the paper's 20, or 5 on "
+                                          "tinyimagenet)", kind=whole, check=positive)
+    optimizer: Optional[str] = setting(None, "default: sgd for resnet, adam for wide resnets (the paper's)",
+                                       choices=OPTIMIZERS)
+    lr: Optional[float] = setting(None, "default: 1e-3 for sgd, 3.5e-5 for adam (the paper's)", kind=number,
+                                  check=positive)
+    max_steps: Optional[int] = setting(None, "at most this many optimizer steps per finetune (a fraction of an "
+                                             "epoch)", kind=whole, check=positive)
+
+    def epochs_for(self, dataset: str) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return 5 if "tiny" in dataset.lower() else 20
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    snl: SNLConfig = field(default_factory=SNLConfig)
+    bcd: BCDConfig = field(default_factory=BCDConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    method: str = setting("bcd", "bcd: BCD from the SNL model at B_ref; snl: SNL from B_ref straight to each "
+                                 "target; both: the two from the same B_ref model with equal compute",
+                          choices=METHODS)
+    replacement: str = setting("identity", "what a removed ReLU becomes: identity, or a per-channel polynomial "
+                                           "c0 + c1 x + c2 x^2 fitted by least squares and trained with the weights",
+                               choices=REPLACEMENTS)
+    seed: int = setting(0, "seed of the split, training and candidate sampling", kind=whole, check=non_negative)
+    device: Optional[str] = setting(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", runtime=True)
+    out: str = setting("fastmask_runs/run", "output folder", runtime=True)
+
+
+# Flag prefix per section: --drc, --snl-lr, --finetune-epochs, --baseline-epochs ...
+FLAG_PREFIX = {"data": "", "model": "", "baseline": "baseline-", "snl": "snl-", "bcd": "", "finetune": "finetune-"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Algorithm 2 as the paper runs it on CIFAR (TinyImageNet: 5 finetune epochs per step, see FinetuneConfig).
+    "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
+              "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3,
+              "bcd.criterion": "accuracy", "bcd.score_subset": 0, "bcd.proposal": "uniform",
+              "bcd.scoring": "exact", "replacement": "identity", "method": "bcd"},
+    # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.
+    # ADT is 2 points because the ~1,300-image train split's standard error at ~90% accuracy is ~0.8 points: below
+    # 2 standard errors candidates would be picked on noise. SNL's lr and lambda0 are 10x and 100x SNL's: an epoch
+    # here is only 11 steps, and Adam moves an alpha by about lr per step.
+    "demo": {"data.dataset": "digits", "model.arch": "resnet18", "model.width": 8, "snl.ref_budget": 3000,
+             "bcd.targets": [2000, 1200], "bcd.drc": 200, "bcd.rt": 8, "bcd.adt": 2.0, "finetune.epochs": 1,
+             "baseline.epochs": 15, "snl.epochs": 15, "snl.lr": 1e-2, "snl.lambda0": 1e-3,
+             "snl.finetune_epochs": 3, "out": "fastmask_runs/digits"},
+}
+
+
+# ---- walking the tree --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    path: str  # "bcd.drc"
+    flag: str  # "drc"
+    field: dataclasses.Field
+    owner: type  # the dataclass holding the field
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata["help"]
+
+    def convert(self, value: Any) -> Any:
+        """The value in the setting's type, or FastmaskError naming the flag."""
+        if value is None:
+            return None
+        meta = self.field.metadata
         try:
-            number = float(text[:-1] if scale > 1 else text) * scale
-        except ValueError:
-            raise FastmaskError(f"targets must be ReLU counts like 20000,15000; got {value!r}") from None
-        if number != int(number):
-            raise FastmaskError(f"targets must be whole ReLU counts, got {item!r}")
-        targets.append(int(number))
-    return targets
+            value = meta["kind"](value)
+        except (TypeError, ValueError):
+            raise FastmaskError(f"{self.flag} must be {_kind_name(meta['kind'])}, got {value!r}") from None
+        if meta["choices"] and value not in meta["choices"]:
+            raise FastmaskError(f"{self.flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        problem = meta["check"](value) if meta["check"] is not None else None
+        if problem:
+            raise FastmaskError(f"{self.flag} {problem}, got {value!r}")
+        return value
 
 
-def read_yaml(path: str | Path) -> dict:
+def _kind_name(kind: Callable) -> str:
+    return {whole: "a whole number", number: "a number", budgets: "ReLU counts like 20000,15000"}.get(kind, "text")
+
+
+def settings(cls: type = RunConfig, prefix: str = "", flag_prefix: str = "") -> Iterator[Setting]:
+    """Every leaf setting of the tree in order."""
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:  # a section
+            yield from settings(f.default_factory, f"{prefix}{f.name}.", FLAG_PREFIX[f.name])
+        else:
+            flag = f.metadata["flag"] or flag_prefix + f.name.replace("_", "-")
+            yield Setting(prefix + f.name, flag, f, cls)
+
+
+SETTINGS = {s.path: s for s in settings()}
+BY_DEST = {s.dest: s for s in SETTINGS.values()}
+
+
+def get(config: RunConfig, path: str) -> Any:
+    section, _, name = path.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def put(config: RunConfig, path: str, value: Any) -> None:
+    section, _, name = path.rpartition(".")
+    setattr(getattr(config, section) if section else config, name, SETTINGS[path].convert(value))
+
+
+def check(config: Any) -> None:
+    """Every field check of a RunConfig, or of one of its sections: FastmaskError naming the flag."""
+    for s in SETTINGS.values():
+        if isinstance(config, RunConfig):
+            s.convert(get(config, s.path))
+        elif s.owner is type(config):
+            s.convert(getattr(config, s.field.name))
+
+
+# ---- reading: defaults <- preset <- YAML <- flags ----------------------------------------------------------------
+def flatten_yaml(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A nested (config.yaml) or flat (flag names) mapping -> {path: value}; unknown keys are an error."""
+    flat: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if isinstance(value, Mapping) and key in FLAG_PREFIX:
+            for inner, inner_value in value.items():
+                path = f"{key}.{str(inner).replace('-', '_')}"
+                (flat.__setitem__(path, inner_value) if path in SETTINGS else unknown.append(path))
+        elif key in BY_DEST:
+            flat[BY_DEST[key].path] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise FastmaskError(f"{source} has unknown settings {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(BY_DEST))}")
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
@@ -67,112 +323,77 @@ def read_yaml(path: str | Path) -> dict:
         raise FastmaskError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(values, dict):
         raise FastmaskError(f"config file {path} must hold a mapping of settings, e.g. 'targets: [2000, 1000]'")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(KEYS))
-    if unknown:
-        raise FastmaskError(f"config file {path} has unknown settings {', '.join(unknown)}; known: {', '.join(KEYS)}")
-    return values
+    return flatten_yaml(values, f"config file {path}")
 
 
-def defaults_for(dataset: str) -> dict:
-    if dataset == "digits":
-        return dict(DIGITS)
-    defaults = dict(PAPER)
-    key = dataset.lower().replace("-", "").replace("_", "")
-    defaults["finetune_epochs"] = PAPER_FINETUNE_EPOCHS.get(key.replace("200", ""), PAPER["finetune_epochs"])
-    return defaults
-
-
-def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any]) -> dict:
-    """defaults <- YAML <- flags (None = not given). The dataset picks the defaults, so it is resolved first."""
+def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any] = {}, preset: Optional[str] = None
+            ) -> RunConfig:
+    """defaults <- preset <- YAML <- flags, each a {path: value} map (None = not given), checked value by value."""
     given = {k: v for k, v in yaml_values.items() if v is not None}
-    given.update({k: v for k, v in flags.items() if k in KEYS and v is not None})
-    dataset = str(given.get("dataset", "digits"))
-    config = {key: None for key in KEYS}
-    config.update(defaults_for(dataset))
-    if given.get("checkpoint") is not None and dataset == "digits":
-        # A given model fixes the architecture; the demo's arch/width only describe the model it would train.
-        config["arch"] = config["width"] = None
-    config.update(given)
-    config["dataset"] = dataset
-    config["targets"] = parse_targets(config["targets"])
+    given.update({k: v for k, v in flags.items() if v is not None})
+    dataset = str(given.get("data.dataset", DataConfig.dataset))
+    if preset is None and dataset == "digits":
+        preset = "demo"
+    if preset is not None and preset not in PRESETS:
+        raise FastmaskError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = RunConfig()
+    chosen = dict(PRESETS.get(preset, {}))
+    if given.get("model.checkpoint") is not None:
+        # A given model fixes the architecture; a preset's arch/width only describe the model it would train.
+        chosen.pop("model.arch", None)
+        chosen.pop("model.width", None)
+    chosen.update(given)
+    for path, value in chosen.items():
+        put(config, path, value)
     return config
 
 
-def _number(config: dict, key: str, kind, minimum=None, strictly=True) -> None:
-    value = config[key]
-    if value is None:
-        return
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise FastmaskError(f"{key.replace('_', '-')} must be a number, got {value!r}") from None
-    if kind is int and float(value) != number:
-        raise FastmaskError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
-    if isinstance(number, float) and math.isnan(number):
-        raise FastmaskError(f"{key.replace('_', '-')} must be a number, got NaN")
-    if minimum is not None and (number <= minimum if strictly else number < minimum):
-        relation = ">" if strictly else ">="
-        raise FastmaskError(f"{key.replace('_', '-')} must be {relation} {minimum}, got {value!r}")
-    config[key] = number
-
-
-def check(config: dict) -> dict:
-    """Types and ranges of every value (in place); the checks that need the model come later (cli)."""
-    for key in ("drc", "rt", "finetune_epochs", "baseline_epochs", "snl_epochs"):
-        _number(config, key, int, 0)
-    _number(config, "snl_finetune_epochs", int, 0, strictly=False)
-    for key in ("width", "ref_budget"):
-        _number(config, key, int, 0)
-    _number(config, "score_subset", int, 0, strictly=False)
-    _number(config, "seed", int, 0, strictly=False)
-    _number(config, "adt", float, 0, strictly=False)
-    _number(config, "finetune_lr", float, 0)
-    _number(config, "snl_lambda0", float, 0, strictly=False)
-    _number(config, "snl_lr", float, 0)
-    _number(config, "val_size", float, 0)
-    if config["criterion"] not in ("accuracy", "loss"):
-        raise FastmaskError(f"criterion must be accuracy or loss, got {config['criterion']!r}")
-    if config["finetune_optimizer"] is not None and str(config["finetune_optimizer"]).lower() not in ("sgd", "adam"):
-        raise FastmaskError(f"finetune-optimizer must be sgd or adam, got {config['finetune_optimizer']!r}")
+def validate(config: RunConfig) -> RunConfig:
+    """Checks across settings that need no model (the model-dependent ones: BCDConfig.validate)."""
+    check(config)
+    targets, ref = config.bcd.targets, config.snl.ref_budget
+    if targets and ref is not None and targets[0] >= ref:
+        raise FastmaskError(f"target {targets[0]} is at or above the reference budget {ref}; give targets below "
+                            "--ref-budget")
     return config
 
 
-def check_targets(config: dict) -> dict:
-    """Targets given, non-negative, strictly descending and below the reference budget."""
-    targets = config["targets"]
-    if not targets:
-        raise FastmaskError(f"--targets is required for dataset {config['dataset']!r} (e.g. --targets 20000,15000)")
-    if any(t < 0 for t in targets):
-        raise FastmaskError(f"targets must be >= 0, got {','.join(map(str, targets))}")
-    if any(b >= a for a, b in zip(targets, targets[1:])):
-        raise FastmaskError(f"targets must be strictly descending, got {','.join(map(str, targets))}")
-    if config["ref_budget"] is not None and targets[0] >= config["ref_budget"]:
-        raise FastmaskError(f"target {targets[0]} is at or above the reference budget {config['ref_budget']}; "
-                            "give targets below --ref-budget")
-    return config
+# ---- writing and comparing ---------------------------------------------------------------------------------------
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
 
 
-def comparable(config: Mapping[str, Any]) -> dict:
-    """The part of a config that identifies a run (what must match for an out dir to be the same run)."""
-    return {k: config.get(k) for k in KEYS if k not in RUNTIME_KEYS}
-
-
-def dump(config: Mapping[str, Any]) -> str:
+def dump(config: RunConfig) -> str:
+    """config.yaml: the nested tree, each setting with its help as a comment."""
     import yaml
 
-    return yaml.safe_dump({k: config.get(k) for k in KEYS}, sort_keys=False)
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+    lines, section = [], None
+    for s in SETTINGS.values():
+        head, _, name = s.path.rpartition(".")
+        if head != section:
+            section = head
+            if head:
+                lines.append(f"{head}:")
+        indent = "  " if head else ""
+        lines.append(f"{indent}{name}: {scalar(get(config, s.path))}  # {s.help}")
+    return "\n".join(lines) + "\n"
 
 
-def load_saved(path: str | Path) -> Optional[dict]:
-    """The config.yaml of an existing run, or None when there is none."""
-    import yaml
+def comparable(config: RunConfig) -> dict:
+    """What identifies a run: every setting but the runtime ones (device, out)."""
+    return {p: get(config, p) for p, s in SETTINGS.items() if not s.field.metadata["runtime"]}
 
+
+def load_saved(path: str | Path) -> Optional[RunConfig]:
+    """The config of an existing run folder (its config.yaml), or None when there is none. A config.yaml that does
+    not read as a run config raises FastmaskError."""
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        values = None
-    return values if isinstance(values, dict) else {"unreadable": True}
+    config = RunConfig()
+    for p, value in read_yaml(path).items():
+        put(config, p, value)
+    return config

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FastmaskError
+from .files import atomic_write
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -244,10 +245,8 @@ def _write_decode_cache(cache: Path, images: np.ndarray) -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.npy"):
             stale.unlink()  # an older decode of the same folder and split
-        partial = cache.with_suffix(f".partial{os.getpid()}")
-        with open(partial, "wb") as f:
+        with atomic_write(cache) as partial, open(partial, "wb") as f:  # readers never see a half-written file
             np.save(f, images, allow_pickle=False)
-        os.replace(partial, cache)  # readers never see a half-written file
     except OSError as error:
         warnings.warn(f"could not write the decode cache {cache} ({error}); set FASTMASK_CACHE_DIR to a writable "
                       "folder to load faster next time", stacklevel=3)

@@ -12,17 +12,12 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .files import atomic_write, atomic_write_text
+
 STEP_COLUMNS = ["step", "target", "budget_before", "budget_after", "removed", "ref_acc", "ref_loss", "ref_se_points",
                 "scoring_images", "tries_scored", "rt", "accepted_index", "accepted_drop", "accepted_acc",
-                "accepted_loss", "fallback", "val_acc", "val_loss", "seconds_scoring", "seconds_finetune", "seconds"]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+                "accepted_loss", "fallback", "val_acc", "val_loss", "forward_images", "train_images", "seconds_scoring",
+                "seconds_finetune", "seconds"]
 
 
 def machine() -> dict:
@@ -56,12 +51,9 @@ def _figure(width: float = 6.4, height: float = 4.0):
 
 
 def _save(figure, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
     figure.tight_layout()
-    figure.savefig(str(tmp), format="png")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        figure.savefig(str(tmp), format="png")
 
 
 def plot_accuracy_vs_budget(path: str | Path, series: Mapping[str, Sequence[tuple[int, float]]],
@@ -111,6 +103,17 @@ def plot_accepted_drops(path: str | Path, history: Sequence[Mapping], adt: float
     axes.grid(True, alpha=0.3)
     axes.legend()
     _save(figure, path)
+
+
+def attach_pi(run_dir: str | Path, budget: int, rows: Sequence[Mapping]) -> Path:
+    """Puts a target's private-inference measurements (fastmask-pi's rows) into the run's summary.json."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text())
+    for target in summary.get("targets", []):
+        if int(target["budget"]) == int(budget):
+            target["pi"] = list(rows)
+    write_json(path, summary)
+    return path
 
 
 def write_report(out_dir: str | Path, summary: Mapping, history: Sequence[Mapping]) -> list[Path]:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .data import Dataset, iterate_batches, steps_per_epoch
 from .errors import FastmaskError
@@ -180,99 +181,112 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
     on_epoch(epoch, row, model) runs after each epoch's validation; returning "stop" ends training.
     max_steps ends training after that many optimizer steps in total (a fractional-epoch finetune).
     """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
     if max_steps is not None and max_steps <= 0:
         raise FastmaskError(f"max_steps must be positive, got {max_steps}")
     if len(dataset.train_y) == 0:
         raise FastmaskError("the train split is empty; use a dataset with training images")
-    model.to(device)
-    if on_cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        teacher.to(device).eval()
-        if on_cuda and config.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+    device = torch.device(device)
+    _place(model, teacher, config, device)
     extra = list(extra_params)
     optimizer = _build_optimizer(model, extra, config)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
     total_steps = config.epochs * per_epoch if max_steps is None else min(config.epochs * per_epoch, max_steps)
-    use_amp = on_cuda and config.amp
-    check_every = CUDA_LOSS_CHECK_EVERY if on_cuda else 1
     generator = torch.Generator().manual_seed(int(config.seed))
     was_training = model.training
     history: list[dict] = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        last_good = _snapshot(model, extra)
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        batches = iterate_batches(dataset.train_x, dataset.train_y, dataset, config.batch_size, device,
-                                  shuffle=True, augment=config.augment, generator=generator)
-        bar = tqdm(batches, total=min(per_epoch, total_steps - step), desc=f"epoch {epoch}/{config.epochs}",
-                   leave=False, disable=not progress, dynamic_ncols=True)
-        for images, labels in bar:
+    step = images = 0
+    try:
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            steps = min(per_epoch, total_steps - step)
+            batches = iterate_batches(dataset.train_x, dataset.train_y, dataset, config.batch_size, device,
+                                      shuffle=True, augment=config.augment, generator=generator)
+            train_loss, train_acc, seen = _train_epoch(model, teacher, extra, optimizer, batches, config, device,
+                                                       loss_hook, epoch, first_step=step, steps=steps,
+                                                       total_steps=total_steps, progress=progress)
+            step += steps
+            images += seen
+            val_acc, val_loss = evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
+                   "val_loss": val_loss, "lr": _lr_at(step, total_steps, config), "steps": step, "images": images,
+                   "seconds": time.perf_counter() - started}
+            history.append(row)
+            if progress:
+                tqdm.write(f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, train acc {train_acc:.2f}%, "
+                           f"val acc {val_acc:.2f}%, {row['seconds']:.1f}s")
+            if on_epoch is not None and on_epoch(epoch, row, model) == "stop":
+                break
             if step >= total_steps:
                 break
-            lr = _lr_at(step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = _to_model_format(images, model)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-            with autocast:
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images).float()
-                    kd = distillation_loss(logits.float(), teacher_logits, config.kd_temperature)
-                    loss = (1.0 - config.kd_weight) * loss + config.kd_weight * kd
-            if loss_hook is not None:
-                loss = loss + loss_hook(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += loss.detach().double() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            if step % check_every == 0 or step == total_steps:
-                running = float(loss_sum) / seen
-                if not math.isfinite(running):
-                    _restore(model, extra, last_good)
-                    model.train(was_training)
-                    raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step} (loss {running}); "
-                                           "the model was restored to the start of the epoch: lower the learning "
-                                           "rate")
-                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
-        bar.close()
-        train_loss = float(loss_sum) / max(seen, 1)
-        if not math.isfinite(train_loss):
-            _restore(model, extra, last_good)
-            model.train(was_training)
-            raise TrainingDiverged(f"training diverged in epoch {epoch} (loss {train_loss}); the model was restored "
-                                   "to the start of the epoch: lower the learning rate")
-        val_acc, val_loss = evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": 100.0 * int(correct) / max(seen, 1),
-               "val_acc": val_acc, "val_loss": val_loss, "lr": _lr_at(step, total_steps, config), "steps": step,
-               "seconds": time.perf_counter() - started}
-        history.append(row)
-        if progress:
-            tqdm.write(f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, train acc {row['train_acc']:.2f}%, "
-                       f"val acc {val_acc:.2f}%, {row['seconds']:.1f}s")
-        if on_epoch is not None and on_epoch(epoch, row, model) == "stop":
-            break
-        if step >= total_steps:
-            break
-    model.train(was_training)
+    finally:
+        model.train(was_training)
     return history
 
 
-def finetune(model: nn.Module, dataset: Dataset, config: TrainConfig, device, **kwargs) -> list[dict]:
-    """The same loop as train(); a separate name so call sites read as what they do."""
-    return train(model, dataset, config, device, **kwargs)
+def _place(model: nn.Module, teacher: Optional[nn.Module], config: TrainConfig, device: torch.device) -> None:
+    """Model and teacher on the device; channels-last on CUDA, where cuDNN runs convs faster in it."""
+    channels_last = device.type == "cuda" and config.channels_last
+    for m in (model, teacher):
+        if m is not None:
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.eval()
+
+
+def _train_epoch(model, teacher, extra, optimizer, batches, config: TrainConfig, device, loss_hook, epoch: int, *,
+                 first_step: int, steps: int, total_steps: int, progress: bool) -> tuple[float, float, int]:
+    """One epoch of `steps` optimizer steps; (mean train loss, train accuracy %, images trained on).
+
+    The loss is checked for NaN/inf every CUDA_LOSS_CHECK_EVERY steps on CUDA (each check syncs), every step on the
+    CPU, and at the epoch's end; a bad loss restores the model to the epoch's start and raises TrainingDiverged."""
+    on_cuda = device.type == "cuda"
+    check_every = CUDA_LOSS_CHECK_EVERY if on_cuda else 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and config.amp else contextlib.nullcontext()
+    last_good = _snapshot(model, extra)
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for done, (images, labels) in enumerate(bar, start=1):
+        if done > steps:
+            break
+        step = first_step + done - 1
+        lr = _lr_at(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = _to_model_format(images, model)
+        with autocast:
+            logits = model(images)
+            loss = _loss(logits, labels, images, teacher, config)
+        if loss_hook is not None:
+            loss = loss + loss_hook(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        if (step + 1) % check_every == 0 or done == steps:
+            running = float(loss_sum) / seen
+            if not math.isfinite(running):
+                _restore(model, extra, last_good)
+                raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step + 1} (loss {running}); the "
+                                       "model was restored to the start of the epoch: lower the learning rate")
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    return float(loss_sum) / max(seen, 1), 100.0 * int(correct) / max(seen, 1), seen
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher: Optional[nn.Module],
+          config: TrainConfig) -> torch.Tensor:
+    loss = F.cross_entropy(logits.float(), labels)
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        teacher_logits = teacher(images).float()
+    kd = distillation_loss(logits.float(), teacher_logits, config.kd_temperature)
+    return (1.0 - config.kd_weight) * loss + config.kd_weight * kd

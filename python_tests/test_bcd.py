@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastmask
 import fastmask as fm
 from fastmask.errors import FastmaskError
 from fastmask.masks import MaskSet
@@ -53,8 +52,8 @@ def run_driver(tmp_path, data, *, targets=(700, 455, 300), drc=100, rt=3, adt=0.
                finetune=None, resume=False, model=None, criterion="accuracy"):
     images, labels = data
     model = model if model is not None else tiny_model()
-    driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, seed=seed, criterion=criterion),
-                 images, labels, finetune or sgd_finetune(images, labels), tmp_path, on_step=on_step,
+    driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, criterion=criterion),
+                 images, labels, finetune or sgd_finetune(images, labels), tmp_path, seed=seed, on_step=on_step,
                  log=lambda message: None)
     with pytest.warns(RuntimeWarning) if not resume else _no_check():
         result = driver.run(resume=resume)
@@ -143,8 +142,8 @@ def test_driver_applies_the_chosen_candidate(tmp_path, data, monkeypatch, accept
         return scores([50, 40, 45, 55, 30], [2, 2, 2, 1.8, 2.5], accepted=accepted,
                       scored=3 if accepted is not None else 5)
 
-    monkeypatch.setattr(fastmask, "score_hypotheses", fake_score)
-    monkeypatch.setattr(scoring, "score_current", lambda *a, **k: (60.0, 1.5))
+    monkeypatch.setattr(bcd, "score_hypotheses", fake_score)
+    monkeypatch.setattr(bcd, "score_current", lambda *a, **k: (60.0, 1.5))
     images, labels = data
     model = tiny_model()
     before = MaskSet(model).flat()
@@ -171,7 +170,7 @@ def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatc
         events.append(("reference", fm.relu_count(model)))
         return real_score_current(model, images, labels, **kwargs)
 
-    monkeypatch.setattr(scoring, "score_current", counting_score_current)
+    monkeypatch.setattr(bcd, "score_current", counting_score_current)
     images, labels = data
     model, result = run_driver(tmp_path, data, targets=(760,), finetune=sgd_finetune(images, labels, events))
     kinds = [kind for kind, _ in events]

@@ -13,6 +13,7 @@ import fastmask as fm
 from fastmask import cli
 from fastmask import config as settings
 from fastmask.checkpoint import save_model
+from fastmask.pipeline import Pipeline
 
 # digits at width 4: 7,680 ReLUs; everything tiny so a whole run takes seconds.
 TINY = ["--width", "4", "--baseline-epochs", "1", "--ref-budget", "3000", "--targets", "2600,2200", "--drc", "400",
@@ -82,12 +83,60 @@ def test_checkpoint_of_another_arch_or_class_count_or_corrupt(tmp_path, capsys, 
 def test_yaml_values_hold_unless_a_flag_overrides(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({"drc": 123, "rt": 9, "targets": "2500,1000", "width": 4}))
-    plan = cli.prepare(["--config", str(config_file), "--rt", "4", "--out", str(tmp_path / "o")])
-    assert plan.config["drc"] == 123  # not reset by the flag default
-    assert plan.config["rt"] == 4  # the flag wins
-    assert plan.config["targets"] == [2500, 1000] and plan.config["width"] == 4
-    assert plan.config["adt"] == settings.DIGITS["adt"]  # the digits demo default fills what neither gave
+    config, _, _ = cli.parse(["--config", str(config_file), "--rt", "4", "--out", str(tmp_path / "o")])
+    assert config.bcd.drc == 123  # not reset by the flag default
+    assert config.bcd.rt == 4  # the flag wins
+    assert config.bcd.targets == [2500, 1000] and config.model.width == 4
+    assert config.bcd.adt == settings.PRESETS["demo"]["bcd.adt"]  # the digits demo default fills what neither gave
+    Pipeline.prepare(config, log=lambda message: None)
     assert not (tmp_path / "o").exists()  # preparing writes nothing
+
+
+# One value per setting that differs from every default and preset: each flag must survive config.yaml.
+SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "arch": "wide_resnet22_8",
+          "width": "16", "checkpoint": "m.safetensors", "teacher": "t.safetensors", "baseline-epochs": "7",
+          "ref-budget": "9000", "snl-epochs": "11", "snl-lr": "0.002", "snl-lambda0": "0.0003",
+          "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",
+          "targets": "8k,5000", "drc": "17", "rt": "19", "adt": "0.7", "criterion": "loss", "score-subset": "333",
+          "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "adam", "finetune-lr": "0.0002",
+          "finetune-max-steps": "9", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
+          "proposal": "uniform", "pool": "2.5", "temperature": "0.25", "scoring": "exact", "race-eta": "3",
+          "method": "both", "replacement": "polynomial"}
+
+
+def test_every_setting_is_a_flag_and_round_trips_through_config_yaml(tmp_path):
+    assert sorted(SAMPLE) == sorted(s.flag for s in settings.SETTINGS.values())
+    argv = [part for flag, value in SAMPLE.items() for part in ("--" + flag, value)]
+    config, _, _ = cli.parse(argv)
+    for s in settings.SETTINGS.values():  # every flag landed in its own field, converted
+        assert settings.get(config, s.path) == s.convert(SAMPLE[s.flag]), s.flag
+    path = tmp_path / "config.yaml"
+    path.write_text(settings.dump(config))
+    assert settings.load_saved(path) == config
+    again, _, _ = cli.parse(["--config", str(path)])
+    assert again == config
+    help_text = cli.build_parser().format_help()
+    assert all(f"--{s.flag}" in help_text for s in settings.SETTINGS.values())
+
+
+def test_paper_preset_is_algorithm_2():
+    config, _, _ = cli.parse(["--preset", "paper", "--dataset", "cifar10", "--targets", "15000"])
+    assert (config.bcd.drc, config.bcd.rt, config.bcd.adt, config.bcd.criterion, config.bcd.score_subset) == \
+        (100, 50, 0.3, "accuracy", 0)
+    assert (config.bcd.proposal, config.bcd.scoring, config.replacement, config.method) == \
+        ("uniform", "exact", "identity", "bcd")
+    assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
+    assert (config.snl.lr, config.snl.lambda0, config.snl.finetune_epochs) == (1e-3, 1e-5, 100)
+
+
+def test_warnings_are_one_line_and_the_printer_is_restored(capsys):
+    import warnings
+
+    before = warnings.showwarning
+    with cli.one_line_warnings():
+        warnings.warn("ADT is low", RuntimeWarning, stacklevel=1)
+    assert warnings.showwarning is before
+    assert capsys.readouterr().err == "[fastmask-linearize] warning: ADT is low\n"
 
 
 def test_unknown_yaml_setting_is_an_error(tmp_path, capsys, other_run):
@@ -116,7 +165,7 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert summary["snl"]["budget"] == 3000 and summary["start"]["relu_count"] == 3000
     model = fm.checkpoint.load_model(out / "targets" / "2200" / "model.safetensors")
     assert fm.relu_count(model) == 2200
-    assert yaml.safe_load((out / "config.yaml").read_text())["targets"] == [2600, 2200]
+    assert yaml.safe_load((out / "config.yaml").read_text())["bcd"]["targets"] == [2600, 2200]
 
     masks_before = (out / "targets/2200/masks.safetensors").read_bytes()
     capsys.readouterr()

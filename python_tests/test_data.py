@@ -109,7 +109,7 @@ def make_tinyimagenet(root: Path, per_class=4, val_per_class=2, size=8):
         for i in range(per_class):
             Image.new("RGB", (size, size), color).save(images / f"{wnid}_{i}.JPEG", quality=100)
     lines = []
-    for i in range(val_per_class):
+    for _ in range(val_per_class):
         for wnid in ("n02", "n03", "n01"):  # val images interleave classes, as the real folder does
             name = f"val_{len(lines)}.JPEG"
             Image.new("RGB", (size, size), COLORS[wnid]).save(folder / "val" / "images" / name, quality=100)
@@ -218,7 +218,10 @@ def test_split_rejects_bad_sizes(val_size):
 def test_dataset_val_is_carved_from_train(digits):
     whole = data.load_dataset("digits", val_size=0)
     assert len(whole.val_y) == 0
-    keys = lambda x, y: sorted(bytes(img.numpy().tobytes()) + bytes([int(label)]) for img, label in zip(x, y))
+
+    def keys(x, y):
+        return sorted(bytes(img.numpy().tobytes()) + bytes([int(label)]) for img, label in zip(x, y))
+
     assert keys(torch.cat([digits.train_x, digits.val_x]), torch.cat([digits.train_y, digits.val_y])) == keys(
         whole.train_x, whole.train_y)
     again = data.load_dataset("digits")

@@ -3,6 +3,7 @@
 SNL's lambda0 of 1e-5 and lr of 1e-3 would need hundreds of steps to move an alpha; the tests use a large lr and
 lambda so the count falls within a few epochs.
 """
+import contextlib
 import dataclasses
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 import fastmask as fm
 from fastmask import FastmaskError, data
-from fastmask.search import snl
+from fastmask.config import SNLConfig
+from fastmask.search import polynomial, snl
+from fastmask.train import finetune_config
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,9 @@ def test_reaches_exactly_the_budget_and_keeps_absent_relus_absent(small):
             alphas = torch.cat([site.alpha.detach().reshape(-1) for site in masks.sites])
             leaks.append(int((alphas[absent] != 0).sum()))
 
-    config = snl.SNLConfig(budget=1234, lr=0.05, lambda0=1.0, max_epochs=15, finetune_epochs=1, batch_size=64)
-    result = snl.run_snl(model, small, config, "cpu", teacher=teacher, progress=False, on_epoch=check_absent_alphas)
+    config = SNLConfig(lr=0.05, lambda0=1.0, epochs=15)
+    result = snl.run_snl(model, small, 1234, config, "cpu", finetune=finetune_config("resnet18", 1), teacher=teacher,
+                         progress=False, on_epoch=check_absent_alphas)
     assert result["reached_budget"] and result["stop_reason"] == "budget reached"
     assert result["start_count"] == 7680 - 3000
     assert masks.count() == 1234 == result["relu_count"] == fm.relu_count(model)
@@ -60,9 +64,8 @@ def test_reaches_exactly_the_budget_and_keeps_absent_relus_absent(small):
 def test_budget_not_reached_binarizes_anyway_and_lambda_grows_on_stalls(small):
     tiny = dataclasses.replace(small, train_x=small.train_x[:128], train_y=small.train_y[:128])
     model = tiny_model(tiny)
-    config = snl.SNLConfig(budget=500, lr=1e-6, lambda0=1e-3, max_epochs=4, finetune_epochs=0,
-                           stall_patience_start_epoch=2)
-    result = snl.run_snl(model, tiny, config, "cpu", progress=False)
+    config = SNLConfig(lr=1e-6, lambda0=1e-3, epochs=4, stall_patience=2)
+    result = snl.run_snl(model, tiny, 500, config, "cpu", progress=False)
     assert not result["reached_budget"] and "max_epochs" in result["stop_reason"]
     assert fm.relu_count(model) == 500
     # the count never falls, so lambda grows after every epoch from 0-based epoch 2 on (SNL's rule)
@@ -72,68 +75,80 @@ def test_budget_not_reached_binarizes_anyway_and_lambda_grows_on_stalls(small):
     assert result["finetune_history"] == []
 
 
+@contextlib.contextmanager
 def alphas_all_at(small, value: float):
     """(MaskSet, alphas) of a fresh tiny model with every alpha set to value."""
     masks = fm.MaskSet(tiny_model(small))
-    alphas = snl.attach_alphas(masks)
-    with torch.no_grad():
-        for alpha in alphas:
-            alpha.fill_(value)
-    return masks, alphas
+    with masks.alphas() as alphas:
+        with torch.no_grad():
+            for alpha in alphas:
+                alpha.fill_(value)
+        yield masks, alphas
 
 
 def test_binarize_keeps_top_alphas_among_present(small):
-    masks, alphas = alphas_all_at(small, 0.5)
-    # site 0: a large alpha at an absent position must lose to small ones at present positions
-    site0 = masks.sites[0]
-    site0.mask.view(-1)[0] = False
-    with torch.no_grad():
-        alphas[0].view(-1)[0] = 9.0
-        alphas[0].view(-1)[1] = 3.0
-        alphas[1].view(-1)[2] = 2.0
-        alphas[0].view(-1)[3] = -1.0
-    snl.binarize(masks, 4)
-    kept = masks.present().tolist()
+    with alphas_all_at(small, 0.5) as (masks, alphas):
+        # site 0: a large alpha at an absent position must lose to small ones at present positions
+        site0 = masks.sites[0]
+        site0.mask.view(-1)[0] = False
+        with torch.no_grad():
+            alphas[0].view(-1)[0] = 9.0
+            alphas[0].view(-1)[1] = 3.0
+            alphas[1].view(-1)[2] = 2.0
+            alphas[0].view(-1)[3] = -1.0
+        snl.binarize(masks, 4)
+        kept = masks.present().tolist()
     # 3.0 and 2.0 first, then ties at 0.5 go to the lowest flat indices (2 and 4; 0 is absent, 3 is -1)
     assert kept == sorted([1, masks.offsets[1] + 2, 2, 4])
-    snl.detach_alphas(masks)
 
 
 def test_soft_count_uses_threshold_and_presence(small):
-    masks, alphas = alphas_all_at(small, 0.005)
-    with torch.no_grad():
-        alphas[2].view(-1)[:10] = 0.5
-    masks.sites[2].mask.view(-1)[:3] = False
-    assert snl.soft_count(masks, threshold=1e-2) == 7
-    assert snl.soft_count(masks, threshold=1e-3) == masks.count()
-    snl.detach_alphas(masks)
+    with alphas_all_at(small, 0.005) as (masks, alphas):
+        with torch.no_grad():
+            alphas[2].view(-1)[:10] = 0.5
+        masks.sites[2].mask.view(-1)[:3] = False
+        assert snl.soft_count(masks, threshold=1e-2) == 7
+        assert snl.soft_count(masks, threshold=1e-3) == masks.count()
 
 
 def test_absent_alpha_gradient_is_masked(small):
     model = tiny_model(small)
     masks, absent = remove_some(model, 100)
-    alphas = snl.attach_alphas(masks)
-    images = data.normalize(small.train_x[:8], small, "cpu")
-    loss = torch.nn.functional.cross_entropy(model(images), small.train_y[:8]) + sum(a.sum() for a in alphas)
-    loss.backward()
+    with masks.alphas() as alphas:
+        images = data.normalize(small.train_x[:8], small, "cpu")
+        loss = torch.nn.functional.cross_entropy(model(images), small.train_y[:8]) + sum(a.sum() for a in alphas)
+        loss.backward()
     grads = torch.cat([a.grad.reshape(-1) for a in alphas])
     assert (grads[absent] == 0).all() and (grads[~absent] != 0).any()
     assert (torch.cat([a.detach().reshape(-1) for a in alphas])[absent] == 0).all()
-    snl.detach_alphas(masks)
+
+
+def test_alpha_phase_trains_the_polynomial_replacement(small):
+    """With coeffs, the relaxation is alpha * relu(x) + (1 - alpha) * poly(x): its gradient reaches the coeffs."""
+    model = tiny_model(small)
+    polynomial.make_polynomial(model)
+    masks, _ = remove_some(model, 100)
+    with masks.alphas() as alphas:
+        with torch.no_grad():
+            for alpha in alphas:
+                alpha.mul_(0.5)
+        images = data.normalize(small.train_x[:8], small, "cpu")
+        torch.nn.functional.cross_entropy(model(images), small.train_y[:8]).backward()
+    assert all(site.coeffs.grad is not None and site.coeffs.grad.abs().sum() > 0 for site in masks.sites)
 
 
 def test_bad_budgets(small):
     model = tiny_model(small)
     with pytest.raises(FastmaskError, match="not below"):
-        snl.run_snl(model, small, snl.SNLConfig(budget=7680), "cpu", progress=False)
+        snl.run_snl(model, small, 7680, SNLConfig(), "cpu", progress=False)
     with pytest.raises(FastmaskError, match="budget must be >= 0"):
-        snl.SNLConfig(budget=-1)
+        snl.run_snl(model, small, -1, SNLConfig(), "cpu", progress=False)
     with pytest.raises(FastmaskError, match="max_epochs"):
-        snl.SNLConfig(budget=10, max_epochs=0)
+        snl.run_snl(model, small, 10, SNLConfig(), "cpu", max_epochs=0, progress=False)
     assert all(site.alpha is None for _, site in fm.masked_sites(model))
 
 
 def test_defaults_follow_snl():
-    config = snl.SNLConfig(budget=1000)
-    assert (config.lr, config.lambda0, config.lambda_growth, config.threshold,
-            config.stall_patience_start_epoch) == (1e-3, 1e-5, 1.1, 1e-2, 5)
+    config = SNLConfig()
+    assert (config.lr, config.lambda0, config.lambda_growth, config.threshold, config.stall_patience,
+            config.finetune_epochs) == (1e-3, 1e-5, 1.1, 1e-2, 5, 100)

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,52 +23,19 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint import SPEC_KEY, save_model
+from ..checkpoint import SPEC_KEY, model_spec, save_model
+from ..config import BCDConfig
 from ..errors import FastmaskError
+from ..files import atomic_write
 from ..masks import MaskSet
+from .proposal import propose, removal_costs
+from .racing import race
+from .scoring import score_current, score_hypotheses
 
 STATE_VERSION = 1
 STATE_FILE = Path("checkpoints") / "last.pt"
-CRITERIA = ("accuracy", "loss")
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
-
-
-@dataclass
-class BCDConfig:
-    """Algorithm 2's knobs. drc/rt/adt as in the paper; adt is in accuracy points (or loss units for "loss")."""
-
-    targets: Sequence[int]
-    drc: int = 100
-    rt: int = 50
-    adt: float = 0.3
-    criterion: str = "accuracy"
-    seed: int = 0
-    score_batch_size: int = 512
-
-    def validate(self, start_count: int) -> None:
-        targets = [int(t) for t in self.targets]
-        if not targets:
-            raise FastmaskError("BCD needs at least one target ReLU budget (--targets)")
-        if any(b >= a for a, b in zip(targets, targets[1:])):
-            raise FastmaskError(f"targets must be strictly descending, got {','.join(map(str, targets))}")
-        if targets[0] >= start_count:
-            raise FastmaskError(f"target {targets[0]} is at or above the ReLU count BCD starts from ({start_count}); "
-                                "give targets below it")
-        if targets[-1] < 0:
-            raise FastmaskError(f"targets must be >= 0, got {targets[-1]}")
-        for name in ("drc", "rt"):
-            if int(getattr(self, name)) <= 0:
-                raise FastmaskError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.adt >= 0:  # also rejects NaN
-            raise FastmaskError(f"adt must be >= 0, got {self.adt}")
-        if self.criterion not in CRITERIA:
-            raise FastmaskError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-
-    def fingerprint(self) -> dict:
-        """What must match for --resume to continue the same run."""
-        return {"targets": [int(t) for t in self.targets], "drc": int(self.drc), "rt": int(self.rt),
-                "adt": float(self.adt), "criterion": self.criterion, "seed": int(self.seed)}
 
 
 def accuracy_standard_error(accuracy_percent: float, images: int) -> float:
@@ -98,17 +64,15 @@ def plan_removal(count: int, targets: Sequence[int], drc: int) -> tuple[int, int
 
 # ---- the state file ----------------------------------------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict) -> None:
-    """Writes atomically (temp file + rename): a kill leaves either the previous state or this one."""
+    """Writes atomically: a kill leaves either the previous state or this one."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    metadata = {SPEC_KEY: json.dumps(getattr(model, "fastmask_spec", {})), "bcd_state": json.dumps(state)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    metadata = {SPEC_KEY: json.dumps(model_spec(model)), "bcd_state": json.dumps(state)}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_state(path: Path, model: nn.Module, generator: torch.Generator) -> dict:
@@ -155,7 +119,7 @@ class BCD:
     """
 
     def __init__(self, model: nn.Module, config: BCDConfig, images: torch.Tensor, labels: torch.Tensor,
-                 finetune: Callable[[nn.Module, int], dict], out_dir: str | Path, *,
+                 finetune: Callable[[nn.Module, int], dict], out_dir: str | Path, *, seed: int = 0,
                  evaluate_target: Optional[Callable[[nn.Module], dict]] = None,
                  on_step: Optional[Callable[[dict, "BCD"], None]] = None,
                  log: Callable[[str], None] = print):
@@ -169,7 +133,8 @@ class BCD:
         self.on_step = on_step
         self.log = log
         self.mask_set = MaskSet(model)
-        self.generator = torch.Generator().manual_seed(int(config.seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.state_path = self.out_dir / STATE_FILE
         self.history: list[dict] = []
         self.targets_done: list[dict] = []
@@ -180,13 +145,20 @@ class BCD:
     def step(self) -> int:
         return len(self.history)
 
+    def fingerprint(self) -> dict:
+        """What must match for --resume to continue the same run."""
+        c = self.config
+        return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "rt": int(c.rt), "adt": float(c.adt),
+                "criterion": c.criterion, "seed": self.seed, "proposal": c.proposal, "pool": c.pool,
+                "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta}
+
     def _state(self) -> dict:
-        return {"version": STATE_VERSION, "config": self.config.fingerprint(), "history": self.history,
+        return {"version": STATE_VERSION, "config": self.fingerprint(), "history": self.history,
                 "targets": self.targets_done, "warnings": self.warned, "done": self.done}
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator)
-        if state["config"] != self.config.fingerprint():
+        if state["config"] != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
         self.history, self.targets_done = state["history"], state["targets"]
@@ -200,7 +172,7 @@ class BCD:
                 raise FastmaskError(f"{self.state_path} already holds a BCD run; pass --resume to continue it")
             self._resume()
         self.config.validate(self.mask_set.count() if not self.history else self.history[0]["budget_before"])
-        if any(site.alpha is not None for site in self.mask_set.sites):
+        if self.mask_set.carries_alphas():
             raise FastmaskError("the model still carries SNL alphas; binarize them before BCD")
         while not self.done:
             count = self.mask_set.count()
@@ -223,23 +195,22 @@ class BCD:
         return standard_error
 
     def _one_step(self, count: int) -> None:
-        import fastmask
-        from .scoring import score_current
-
         config, step = self.config, self.step + 1
         target, remove = plan_removal(count, config.targets, config.drc)
         last_good = copy.deepcopy(self.model.state_dict())
 
         t0 = time.perf_counter()
+        n = int(self.labels.shape[0])
         reference = score_current(self.model, self.images, self.labels, batch_size=config.score_batch_size)
+        if not math.isfinite(reference[1]):
+            raise FastmaskError(f"BCD step {step}: the model's loss on the scoring subset is {reference[1]} (its "
+                                "outputs are not finite in eval mode); a polynomial replacement does this when BN "
+                                "statistics are stale, e.g. SNL binarized with no finetune after it: give "
+                                "--snl-finetune-epochs > 0")
         standard_error = self._warn_once_if_noisy(reference)
-        # All RT candidates are drawn before scoring, so early stopping never changes what the generator yields next.
-        candidates = [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))]
-        scores = fastmask.score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
-                                           adt=config.adt, criterion=config.criterion,
-                                           batch_size=config.score_batch_size)
-        choice, fallback = choose(scores, reference, config.criterion)
-        drop = float(scores.drop(reference, config.criterion)[choice])
+        candidates, estimate_images = self._candidates(remove)
+        choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
+        drop = reference[0] - acc if config.criterion == "accuracy" else loss - reference[1]
         self.mask_set.remove(candidates[choice])
         t1 = time.perf_counter()
 
@@ -256,10 +227,13 @@ class BCD:
         record = {
             "step": step, "target": int(target), "budget_before": count, "budget_after": budget, "removed": remove,
             "ref_acc": reference[0], "ref_loss": reference[1], "ref_se_points": standard_error,
-            "scoring_images": int(self.labels.shape[0]), "tries_scored": int(scores.scored), "rt": int(config.rt),
-            "accepted_index": choice, "accepted_drop": drop, "accepted_acc": float(scores.accuracy[choice]),
-            "accepted_loss": float(scores.loss[choice]), "fallback": fallback,
-            "val_acc": tuned.get("val_acc"), "val_loss": tuned.get("val_loss"),
+            "scoring_images": n, "tries_scored": scored, "rt": int(config.rt),
+            "accepted_index": choice, "accepted_drop": drop, "accepted_acc": acc, "accepted_loss": loss,
+            "fallback": fallback, "val_acc": tuned.get("val_acc"), "val_loss": tuned.get("val_loss"),
+            # compute: images pushed forward by the search (reference + candidates), images trained on (the
+            # finetune, plus the informed proposal's forward + backward pass)
+            "forward_images": n + forward_images,
+            "train_images": int(tuned.get("train_images", 0)) + estimate_images,
             "seconds_scoring": t1 - t0, "seconds_finetune": t2 - t1, "seconds": t2 - t0,
         }
         self.history.append(record)
@@ -269,14 +243,48 @@ class BCD:
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
                  f"(+-{standard_error:.2f}); {'fallback' if fallback else 'accepted'} drop {drop:+.3f} after "
-                 f"{scores.scored}/{config.rt} tries; val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
+                 f"{scored}/{len(candidates)} tries; val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
         if self.on_step is not None:
             self.on_step(record, self)
+
+    def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int]:
+        """(RT candidates, images the proposal trained through). All are drawn before scoring, so early stopping
+        never changes what the generator yields next."""
+        config = self.config
+        if config.proposal == "uniform":
+            return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
+        # Estimated after every finetune (each step starts after one), on the scoring subset.
+        costs = removal_costs(self.model, self.images, self.labels, batch_size=config.score_batch_size)
+        candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
+                             temperature=config.temperature)
+        return candidates, int(self.labels.shape[0])
+
+    def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]
+               ) -> tuple[int, bool, float, float, int, int]:
+        """(chosen index, fallback?, its accuracy and loss on the whole subset, candidates scored, image-forwards)."""
+        config, n = self.config, int(self.labels.shape[0])
+        if config.scoring == "race":
+            result = race(self.model, candidates, self.images, self.labels, criterion=config.criterion,
+                          reference=reference, adt=config.adt, eta=config.race_eta,
+                          batch_size=config.score_batch_size, shuffle_seed=self.seed)
+            acc, loss = result.best_scores
+            return result.best, result.accepted is None, acc, loss, len(candidates), result.forward_images
+        scores = score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
+                                  adt=config.adt, criterion=config.criterion, batch_size=config.score_batch_size)
+        choice, fallback = choose(scores, reference, config.criterion)
+        return (choice, fallback, float(scores.accuracy[choice]), float(scores.loss[choice]), int(scores.scored),
+                int(scores.scored) * n)
+
+    def compute(self) -> dict:
+        """Images the search has pushed forward and trained on so far (every step of this run)."""
+        return {"forward_images": sum(int(r.get("forward_images", 0)) for r in self.history),
+                "train_images": sum(int(r.get("train_images", 0)) for r in self.history)}
 
     def _save_target(self, target: int) -> None:
         directory = self.out_dir / "targets" / str(target)
         metrics = dict(self.evaluate_target(self.model))
-        entry = {"budget": int(target), "step": self.step, **metrics, "per_site": self.mask_set.per_site()}
+        entry = {"budget": int(target), "step": self.step, **metrics, **self.compute(),
+                 "per_site": self.mask_set.per_site()}
         save_model(self.model, directory / "model.safetensors", extra={"relu_count": int(target), **metrics})
         self.mask_set.save(directory / "masks.safetensors")
         self.targets_done.append(entry)
@@ -285,8 +293,8 @@ class BCD:
 
 
 # ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
-def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, finetune_config=None,
-            finetune_max_steps: Optional[int] = None, score_subset: int = 0, teacher: Optional[nn.Module] = None,
+def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, seed: int = 0,
+            finetune_config=None, finetune_max_steps: Optional[int] = None, teacher: Optional[nn.Module] = None,
             resume: bool = False, on_step=None, progress: bool = True, log: Callable[[str], None] = print
             ) -> BCDResult:
     """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
@@ -294,25 +302,27 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
     from .. import data, train
 
     if finetune_config is None:
-        finetune_config = train.finetune_config(getattr(model, "fastmask_spec", {}).get("arch", "resnet18"), 20)
+        finetune_config = train.finetune_config(model_spec(model)["arch"], 20)
     model.to(device)
-    images, labels = data.scoring_subset(dataset, score_subset, device, seed=config.seed)
+    images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
 
     def finetune(m: nn.Module, step: int) -> dict:
-        step_config = dataclasses.replace(finetune_config, seed=int(config.seed) * 1_000_003 + step)
+        step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step)
         rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress,
                            max_steps=finetune_max_steps)
         last = rows[-1] if rows else {}
+        images = int(last.get("images", 0))
         if last.get("val_acc") is None:
             val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
-            return {"val_acc": val_acc, "val_loss": val_loss}
-        return {"val_acc": float(last["val_acc"]), "val_loss": float(last.get("val_loss", float("nan")))}
+            return {"val_acc": val_acc, "val_loss": val_loss, "train_images": images}
+        return {"val_acc": float(last["val_acc"]), "val_loss": float(last.get("val_loss", float("nan"))),
+                "train_images": images}
 
     def evaluate_target(m: nn.Module) -> dict:
         val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
         test_acc, test_loss = train.evaluate(m, dataset.test_x, dataset.test_y, dataset, device)
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
-    driver = BCD(model, config, images, labels, finetune, out_dir, evaluate_target=evaluate_target,
+    driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
                  on_step=on_step, log=log)
     return driver.run(resume=resume)

@@ -11,68 +11,25 @@ ReLUs already absent when SNL starts stay absent: their alpha is 0 and their gra
 moves them (the L1 subgradient of |0| is 0 too), and binarization only ranks present ReLUs.
 
 On lambda0: SNL's 1e-5 is the default, but at small scale it barely moves the alphas for the first ~1,000 steps
-(Adam moves an alpha by about lr per step, so the L1 pull alone takes ~990 steps to bring 1 to 0.01; see
-../shared/notes/miniature-calibration.md, which used 1.1e-3). Raise lambda0 for small models and short runs.
+(Adam moves an alpha by about lr per step, so the L1 pull alone takes ~990 steps to bring 1 to 0.01). Raise lambda0
+for small models and short runs (the offline demo uses 1e-3).
+
+The settings (fastmask.config.SNLConfig) are the run config's `snl` section.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from .. import train as training
+from ..config import SNLConfig
 from ..data import Dataset
 from ..errors import FastmaskError
 from ..masks import MaskSet
-
-
-@dataclass
-class SNLConfig:
-    budget: int
-    lr: float = 1e-3
-    lambda0: float = 1e-5
-    lambda_growth: float = 1.1
-    threshold: float = 1e-2
-    stall_patience_start_epoch: int = 5
-    max_epochs: int = 2000  # SNL's own bound; the run stops as soon as the count is at or below the budget
-    finetune_epochs: int = 100  # SNL's finetune length
-    finetune_lr: Optional[float] = None  # None: finetune_config's default for the arch (SGD 1e-3 / Adam 3.5e-5)
-    finetune_optimizer: Optional[str] = None
-    batch_size: int = 128
-    kd_temperature: float = 4.0
-    kd_weight: float = 0.9  # used only with a teacher
-    augment: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.budget < 0:
-            raise FastmaskError(f"SNL budget must be >= 0, got {self.budget}")
-        if not self.lr > 0 or self.lambda0 < 0 or self.lambda_growth < 1 or self.threshold < 0:
-            raise FastmaskError("SNL needs lr > 0, lambda0 >= 0, lambda_growth >= 1 and threshold >= 0; got "
-                                f"{self.lr}, {self.lambda0}, {self.lambda_growth}, {self.threshold}")
-        if self.max_epochs <= 0 or self.finetune_epochs < 0:
-            raise FastmaskError(f"SNL needs max_epochs > 0 and finetune_epochs >= 0, got {self.max_epochs} and "
-                                f"{self.finetune_epochs}")
-
-
-def attach_alphas(masks: MaskSet) -> list[nn.Parameter]:
-    """Gives every site an alpha: 1 where its ReLU is present, 0 (and frozen by a gradient mask) where absent."""
-    alphas = []
-    for site in masks.sites:
-        keep = site.mask.detach().clone()
-        alpha = nn.Parameter(keep.float())
-        alpha.register_hook(lambda grad, keep=keep: grad * keep)
-        site.alpha = alpha
-        alphas.append(alpha)
-    return alphas
-
-
-def detach_alphas(masks: MaskSet) -> None:
-    for site in masks.sites:
-        site.alpha = None
 
 
 def soft_count(masks: MaskSet, threshold: float) -> int:
@@ -93,27 +50,28 @@ def binarize(masks: MaskSet, budget: int) -> None:
     masks.set_flat(keep)
 
 
-def run_snl(model: nn.Module, dataset: Dataset, config: SNLConfig, device, *, teacher: Optional[nn.Module] = None,
-            progress: bool = True, on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None
-            ) -> dict:
-    """Runs SNL on `model` in place down to exactly config.budget ReLUs, then finetunes it; returns the history.
+def run_snl(model: nn.Module, dataset: Dataset, budget: int, config: SNLConfig, device, *, seed: int = 0,
+            max_epochs: Optional[int] = None, finetune: Optional[training.TrainConfig] = None,
+            finetune_max_steps: Optional[int] = None, teacher: Optional[nn.Module] = None, progress: bool = True,
+            on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None) -> dict:
+    """Runs SNL on `model` in place down to exactly `budget` ReLUs, then finetunes it with `finetune` (none when
+    None; at most finetune_max_steps steps); returns the history. max_epochs overrides config.epochs.
 
     on_epoch(epoch, row, model) is called after every epoch of both phases (row["phase"] is "snl" or
     "finetune"); returning "stop" ends that phase early.
     """
     masks = MaskSet(model)
     start_count = masks.count()
-    if config.budget >= start_count:
-        raise FastmaskError(f"SNL budget {config.budget} is not below the model's {start_count} present ReLUs; "
+    if budget < 0:
+        raise FastmaskError(f"SNL budget must be >= 0, got {budget}")
+    if budget >= start_count:
+        raise FastmaskError(f"SNL budget {budget} is not below the model's {start_count} present ReLUs; "
                             "choose a smaller budget")
-    arch = getattr(model, "fastmask_spec", {}).get("arch", "resnet18")
+    max_epochs = config.epochs if max_epochs is None else max_epochs
+    if max_epochs <= 0:
+        raise FastmaskError(f"SNL needs max_epochs > 0, got {max_epochs}")
     model.to(device)
-    alphas = attach_alphas(masks)
     state = {"lambda": config.lambda0, "lowest": start_count, "reached": False}
-
-    def l1_penalty(_model: nn.Module) -> torch.Tensor:
-        return state["lambda"] * sum(alpha.abs().sum() for alpha in alphas)
-
     snl_history: list[dict] = []
 
     def after_snl_epoch(epoch: int, row: dict, trained: nn.Module) -> Optional[str]:
@@ -123,53 +81,45 @@ def run_snl(model: nn.Module, dataset: Dataset, config: SNLConfig, device, *, te
         # SNL's rule: a new low is remembered; otherwise (after the first epochs) lambda grows.
         if count < state["lowest"]:
             state["lowest"] = count
-        elif epoch - 1 >= config.stall_patience_start_epoch:
+        elif epoch - 1 >= config.stall_patience:
             state["lambda"] *= config.lambda_growth
         stop = on_epoch(epoch, row, trained) if on_epoch is not None else None
-        if count <= config.budget:
+        if count <= budget:
             state["reached"] = True
             return "stop"
         return stop
 
-    search_config = training.TrainConfig(epochs=config.max_epochs, optimizer="adam", lr=config.lr, weight_decay=0.0,
-                                         batch_size=config.batch_size, augment=config.augment,
-                                         kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
-                                         seed=config.seed, lr_schedule="constant")
+    search_config = training.TrainConfig(epochs=max_epochs, optimizer="adam", lr=config.lr, weight_decay=0.0,
+                                         seed=seed, lr_schedule="constant")
     started = time.perf_counter()
-    try:
+    with masks.alphas() as alphas:  # present ReLUs start at alpha 1; absent ones stay at 0, gradient-frozen
+        def l1_penalty(_model: nn.Module) -> torch.Tensor:
+            return state["lambda"] * sum(alpha.abs().sum() for alpha in alphas)
+
         training.train(model, dataset, search_config, device, teacher=teacher, extra_params=alphas,
                        loss_hook=l1_penalty, on_epoch=after_snl_epoch, progress=progress)
         count_at_stop = soft_count(masks, config.threshold)
-        binarize(masks, config.budget)
-    finally:
-        detach_alphas(masks)
+        binarize(masks, budget)
     search_seconds = time.perf_counter() - started
     after_binarize = training.evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
 
     finetune_history: list[dict] = []
-    if config.finetune_epochs > 0:
-        finetune_config = training.finetune_config(arch, config.finetune_epochs, lr=config.finetune_lr,
-                                                   optimizer=config.finetune_optimizer)
-        finetune_config.batch_size = config.batch_size
-        finetune_config.kd_temperature = config.kd_temperature
-        finetune_config.kd_weight = config.kd_weight
-        finetune_config.augment = config.augment
-        finetune_config.seed = config.seed
-
+    if finetune is not None:
         def after_finetune_epoch(epoch: int, row: dict, trained: nn.Module) -> Optional[str]:
             row["phase"] = "finetune"
             return on_epoch(epoch, row, trained) if on_epoch is not None else None
 
-        finetune_history = training.train(model, dataset, finetune_config, device, teacher=teacher,
-                                          on_epoch=after_finetune_epoch, progress=progress)
+        finetune_history = training.train(model, dataset, dataclasses.replace(finetune, seed=seed), device,
+                                          teacher=teacher, on_epoch=after_finetune_epoch, progress=progress,
+                                          max_steps=finetune_max_steps)
     final_val = training.evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
     return {
-        "budget": config.budget,
+        "budget": budget,
         "start_count": start_count,
         "relu_count": masks.count(),
         "reached_budget": state["reached"],
         "stop_reason": "budget reached" if state["reached"] else
-                       f"max_epochs ({config.max_epochs}) spent; binarized to the budget's top alphas anyway",
+                       f"max_epochs ({max_epochs}) spent; binarized to the budget's top alphas anyway",
         "snl_epochs": len(snl_history),
         "soft_count_at_stop": count_at_stop,
         "final_lambda": state["lambda"],
@@ -178,6 +128,8 @@ def run_snl(model: nn.Module, dataset: Dataset, config: SNLConfig, device, *, te
         "val_acc": final_val[0],
         "val_loss": final_val[1],
         "snl_seconds": search_seconds,
+        "alpha_images": snl_history[-1]["images"] if snl_history else 0,
+        "finetune_images": finetune_history[-1]["images"] if finetune_history else 0,
         "finetune_seconds": sum(row["seconds"] for row in finetune_history),
         "history": snl_history,
         "finetune_history": finetune_history,

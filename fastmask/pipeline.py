@@ -1,0 +1,346 @@
+"""The pipeline as a library: baseline -> SNL to B_ref -> BCD through the targets -> report.
+
+    from fastmask.config import resolve, validate
+    from fastmask.pipeline import Pipeline
+    summary = Pipeline.prepare(validate(resolve({"bcd.targets": [2000, 1200]}))).run()
+
+Each stage runs only when its inputs do not already give its output: a checkpoint skips the baseline, a model at or
+below the reference budget skips SNL, and `resume` picks up every stage already finished in the out dir (BCD from its
+last step). prepare() checks everything that can be wrong with the input before the out dir is touched.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, data, models, report, train
+from . import config as settings
+from .config import RunConfig
+from .errors import FastmaskError
+from .masks import MaskSet
+from .nn import relu_count
+from .search import polynomial, snl
+from .search.bcd import BCDResult, run_bcd
+
+
+def resolve_device(requested: Optional[str]) -> str:
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise FastmaskError(f"unknown device {requested!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastmaskError(f"device {requested} asked for, but CUDA is not available here; use --device cpu")
+    return str(device)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: an eval-mode copy whose parameters take no gradient."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _val_size(value: float) -> int | float:
+    return int(value) if value >= 1 else float(value)
+
+
+class Pipeline:
+    """One run: a checked config, its dataset, the model it starts from, and the stages that take it down."""
+
+    def __init__(self, config: RunConfig, dataset: data.Dataset, model: nn.Module, *, trains_baseline: bool,
+                 teacher: Optional[nn.Module] = None, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.config = config
+        self.dataset = dataset
+        self.model = model
+        self.trains_baseline = trains_baseline
+        self.teacher = teacher
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.device = config.device
+        self.out = Path(config.out)
+
+    # ---- preparation: every check, nothing written ---------------------------------------------------------
+    @classmethod
+    def prepare(cls, config: RunConfig, *, resume: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print) -> "Pipeline":
+        settings.validate(config)
+        config.device = resolve_device(config.device)
+        device = config.device
+        if config.data.data_dir is not None and not Path(config.data.data_dir).is_dir():
+            raise FastmaskError(f"data dir {config.data.data_dir} does not exist; point --data-dir at the dataset "
+                                "folder")
+        for name in ("checkpoint", "teacher"):
+            path = getattr(config.model, name)
+            if path is not None and not Path(path).is_file():
+                raise FastmaskError(f"{name} {path} does not exist")
+        dataset = data.load_dataset(config.data.dataset, config.data.data_dir,
+                                    val_size=_val_size(config.data.val_size), seed=config.seed)
+        expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
+                    "in_channels": dataset.in_channels, "arch": config.model.arch, "width": config.model.width}
+        if config.model.checkpoint is not None:
+            spec, _ = checkpoint.read_spec(config.model.checkpoint)
+            checkpoint.check_spec(spec, expected, config.model.checkpoint)
+            config.model.arch, config.model.width = spec["arch"], spec["width"]
+            model = checkpoint.load_model(config.model.checkpoint, device=device)
+        else:
+            config.model.arch = config.model.arch or "resnet18"
+            config.model.width = config.model.width or models.default_width(config.model.arch)
+            torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
+            model = models.create(config.model.arch, dataset.num_classes, dataset.image_size,
+                                  width=config.model.width, in_channels=dataset.in_channels).to(device)
+        teacher = None
+        if config.model.teacher is not None:
+            teacher = checkpoint.load_model(config.model.teacher, expected={"num_classes": dataset.num_classes},
+                                            device=device)
+        count = MaskSet(model).count()
+        ref_budget = config.snl.ref_budget
+        config.bcd.validate(count if ref_budget is None else min(count, ref_budget))
+        pipeline = cls(config, dataset, model, trains_baseline=config.model.checkpoint is None, teacher=teacher,
+                       resume=resume, progress=progress, log=log)
+        pipeline._check_out_dir()
+        return pipeline
+
+    def _check_out_dir(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise FastmaskError(f"out {self.out} is a file; choose a folder")
+        try:
+            saved = settings.load_saved(self.out / "config.yaml")
+        except FastmaskError:
+            raise FastmaskError(f"out dir {self.out} holds a config.yaml that is not a fastmask run; choose another "
+                                "--out") from None
+        if saved is None:
+            if self.out.is_dir() and any(self.out.iterdir()) and not self.resume:
+                raise FastmaskError(f"out dir {self.out} is not empty and holds no fastmask run; choose another "
+                                    "--out")
+            return
+        mine, theirs = settings.comparable(self.config), settings.comparable(saved)
+        if mine != theirs:
+            differing = [settings.SETTINGS[p].flag for p in mine if mine[p] != theirs[p]]
+            raise FastmaskError(f"out dir {self.out} holds a different run (its config.yaml differs in "
+                                f"{', '.join(differing)}); choose another --out"
+                                + ("" if self.resume else " or pass the same settings with --resume"))
+        if not self.resume:
+            raise FastmaskError(f"out dir {self.out} already holds this run; pass --resume to continue it or choose "
+                                "another --out")
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        report.atomic_write_text(self.out / "config.yaml", settings.dump(self.config))
+        self.log(f"{self.dataset}; device {self.device}; out {self.out}")
+        summary = {"config": settings.to_dict(self.config), "machine": report.machine()}
+        baseline = self.baseline_stage()
+        if baseline:
+            summary["baseline"] = baseline
+        self.replacement_stage()
+        reference = self.snl_stage()
+        if reference:
+            summary["snl"] = reference
+        summary["start"] = self.measure(self.model)
+        method = self.config.method
+        start_model = copy.deepcopy(self.model) if method == "both" else self.model
+        history: list[dict] = []
+        summary["compute"] = {}
+        if method in ("bcd", "both"):
+            result = self.bcd_stage()
+            history = result.history
+            summary["targets"] = result.targets
+            summary["bcd"] = bcd_totals(result.history)
+            summary["warnings"] = result.warnings
+            summary["compute"]["bcd"] = summary["bcd"]["compute"]
+        if method in ("snl", "both"):
+            summary["snl_targets"] = self.snl_targets_stage(start_model, summary.get("targets"))
+            summary["compute"]["snl"] = {key: sum(int(t[key]) for t in summary["snl_targets"])
+                                         for key in ("train_images", "forward_images")}
+        summary["snl_points"] = ([reference] if reference else []) + summary.get("snl_targets", [])
+        summary["seconds"] = time.perf_counter() - started
+        written = report.write_report(self.out, summary, history)
+        for name, key in (("BCD", "targets"), ("SNL", "snl_targets")):
+            for target in summary.get(key, []):
+                self.log(f"{name} at {target['budget']}: val {target['val_acc']:.2f}%, test {target['test_acc']:.2f}%")
+        self.log(f"done in {summary['seconds']:.0f}s; report: "
+                 f"{', '.join(str(p.relative_to(self.out)) for p in written)}")
+        return summary
+
+    def measure(self, model: nn.Module) -> dict:
+        """ReLU count, val and test accuracy and loss (test is reported, never used to choose anything)."""
+        val = train.evaluate(model, self.dataset.val_x, self.dataset.val_y, self.dataset, self.device)
+        test = train.evaluate(model, self.dataset.test_x, self.dataset.test_y, self.dataset, self.device)
+        return {"relu_count": relu_count(model), "val_acc": val[0], "val_loss": val[1], "test_acc": test[0],
+                "test_loss": test[1]}
+
+    def finetune_config(self, epochs: Optional[int] = None) -> train.TrainConfig:
+        f = self.config.finetune
+        return train.finetune_config(self.config.model.arch, epochs or f.epochs_for(self.config.data.dataset),
+                                     lr=f.lr, optimizer=f.optimizer)
+
+    def _load_stage(self, path: Path) -> Optional[dict]:
+        """A stage's saved result when resuming (its model becomes self.model), else None."""
+        if not (self.resume and path.is_file()):
+            return None
+        self.model = checkpoint.load_model(path, device=self.device)
+        return checkpoint.read_spec(path)[1]
+
+    def baseline_stage(self) -> Optional[dict]:
+        if not self.trains_baseline:
+            if self.teacher is None and _all_present(self.model):
+                self.teacher = frozen_copy(self.model)  # a full-ReLU checkpoint is the natural teacher
+            return None
+        path = self.out / "baseline" / "model.safetensors"
+        saved = self._load_stage(path)
+        if saved is not None:
+            self.log(f"baseline: loaded from {path}")
+        else:
+            epochs = self.config.baseline.epochs
+            self.log(f"baseline: training {self.config.model.arch} (width {self.config.model.width}) for {epochs} "
+                     "epochs")
+            t0 = time.perf_counter()
+            config = train.baseline_config(epochs)
+            config.seed = self.config.seed
+            train.train(self.model, self.dataset, config, self.device, progress=self.progress)
+            saved = {**self.measure(self.model), "seconds": time.perf_counter() - t0, "epochs": epochs}
+            checkpoint.save_model(self.model, path, extra=saved)
+            self.log(f"baseline: val {saved['val_acc']:.2f}%, test {saved['test_acc']:.2f}% in "
+                     f"{saved['seconds']:.0f}s")
+        if self.teacher is None:
+            self.teacher = frozen_copy(self.model)
+        return saved
+
+    def snl(self, model: nn.Module, budget: int, *, max_epochs: Optional[int] = None,
+            finetune_epochs: Optional[int] = None, finetune_max_steps: Optional[int] = None) -> dict:
+        """SNL on `model` in place down to exactly `budget` ReLUs, with this run's settings, teacher and seed;
+        returns its measurements."""
+        t0 = time.perf_counter()
+        s = self.config.snl
+        epochs = s.finetune_epochs if finetune_epochs is None else finetune_epochs
+        history = snl.run_snl(model, self.dataset, budget, s, self.device, seed=self.config.seed,
+                              max_epochs=max_epochs,
+                              finetune=self.finetune_config(epochs) if epochs > 0 else None,
+                              finetune_max_steps=finetune_max_steps, teacher=self.teacher, progress=self.progress)
+        return {"budget": budget, **self.measure(model), "seconds": time.perf_counter() - t0,
+                "snl_epochs": history["snl_epochs"], "reached_budget": history["reached_budget"],
+                "val_acc_after_binarize": history["val_acc_after_binarize"]}
+
+    def snl_stage(self) -> Optional[dict]:
+        budget = self.config.snl.ref_budget
+        if budget is None or relu_count(self.model) <= budget:
+            return None
+        path = self.out / "snl" / "model.safetensors"
+        saved = self._load_stage(path)
+        if saved is not None:
+            self.log(f"SNL: loaded the model at {budget} ReLUs from {path}")
+            return saved
+        self.log(f"SNL: {relu_count(self.model)} -> {budget} ReLUs")
+        saved = self.snl(self.model, budget)
+        checkpoint.save_model(self.model, path, extra=saved)
+        MaskSet(self.model).save(path.with_name("masks.safetensors"))
+        self.log(f"SNL: {budget} ReLUs after {saved['snl_epochs']} epochs; val {saved['val_acc']:.2f}%, "
+                 f"test {saved['test_acc']:.2f}%")
+        return saved
+
+    def scoring_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed, non-augmented train subset candidates are scored on (and polynomials are fitted on)."""
+        return data.scoring_subset(self.dataset, self.config.bcd.score_subset, self.device, seed=self.config.seed)
+
+    def replacement_stage(self) -> None:
+        """--replacement polynomial: every site gets per-channel coefficients, fitted by least squares to ReLU over
+        its inputs on the scoring subset, before SNL, so SNL's alpha phase and every finetune train them."""
+        if self.config.replacement != "polynomial":
+            return
+        if any(site.coeffs is not None for site in MaskSet(self.model).sites):
+            return  # a checkpoint or a resumed stage that already carries them
+        images, _ = self.scoring_images()
+        fits = polynomial.fit_polynomial(self.model, images, batch_size=self.config.bcd.score_batch_size)
+        gain = sum(f["mse_identity"] for f in fits) / max(sum(f["mse_fit"] for f in fits), 1e-12)
+        self.log(f"replacement: per-channel polynomials fitted at {len(fits)} sites (squared error to ReLU "
+                 f"{gain:.1f}x below the identity's)")
+
+    def finetune(self, model: nn.Module, epochs: int, max_steps: Optional[int] = None) -> int:
+        """Finetunes `model` with this run's recipe and teacher; returns the images it trained on."""
+        config = self.finetune_config(epochs)
+        config.seed = self.config.seed
+        rows = train.train(model, self.dataset, config, self.device, teacher=self.teacher, progress=self.progress,
+                           max_steps=max_steps)
+        return int(rows[-1]["images"]) if rows else 0
+
+    def snl_targets_stage(self, start: nn.Module, bcd_targets: Optional[list[dict]]) -> list[dict]:
+        """SNL from the B_ref model straight to each target (alpha phase, binarize at the target, finetune).
+
+        Next to BCD (--method both) the finetune gets what keeps the compute equal: BCD's images (trained on plus
+        pushed forward, to that target) minus the images SNL's alpha phase trained on. Alone, it finetunes for
+        --snl-finetune-epochs."""
+        rows = []
+        batch = train.TrainConfig(epochs=1, optimizer="sgd", lr=1.0).batch_size
+        for budget in self.config.bcd.targets:
+            path = self.out / "snl_targets" / str(budget) / "model.safetensors"
+            if self.resume and path.is_file():
+                rows.append(checkpoint.read_spec(path)[1])
+                self.log(f"SNL to {budget}: loaded from {path}")
+                continue
+            self.log(f"SNL: {relu_count(start)} -> {budget} ReLUs")
+            model = copy.deepcopy(start)
+            t0 = time.perf_counter()
+            history = snl.run_snl(model, self.dataset, budget, self.config.snl, self.device, seed=self.config.seed,
+                                  max_epochs=self.config.snl.target_epochs, teacher=self.teacher,
+                                  progress=self.progress)
+            alpha_images = int(history["alpha_images"])
+            bcd = next((t for t in bcd_targets or [] if t["budget"] == budget), None)
+            if bcd is not None:
+                left = int(bcd["train_images"]) + int(bcd["forward_images"]) - alpha_images
+                steps = max(0, math.ceil(left / batch))
+                per_epoch = data.steps_per_epoch(len(self.dataset.train_y), batch)
+                finetune_images = self.finetune(model, math.ceil(steps / per_epoch), steps) if steps else 0
+            else:
+                epochs = self.config.snl.finetune_epochs
+                finetune_images = self.finetune(model, epochs) if epochs else 0
+            row = {"budget": budget, **self.measure(model), "seconds": time.perf_counter() - t0,
+                   "snl_epochs": history["snl_epochs"], "reached_budget": history["reached_budget"],
+                   "alpha_images": alpha_images, "finetune_images": finetune_images,
+                   "train_images": alpha_images + finetune_images, "forward_images": 0,
+                   "per_site": MaskSet(model).per_site()}
+            checkpoint.save_model(model, path, extra=row)
+            MaskSet(model).save(path.with_name("masks.safetensors"))
+            self.log(f"SNL at {budget}: val {row['val_acc']:.2f}%, test {row['test_acc']:.2f}% "
+                     f"({history['snl_epochs']} alpha epochs, {finetune_images} finetune images)")
+            rows.append(row)
+        return rows
+
+    def bcd_stage(self) -> BCDResult:
+        b = self.config.bcd
+        finetune = self.finetune_config()
+
+        def on_step(record: dict, driver) -> None:  # the step table stays current while the run goes
+            report.write_steps_csv(self.out / "steps.csv", driver.history)
+
+        self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
+                 f"{', '.join(map(str, b.targets))}; DRC {b.drc}, RT {b.rt}, ADT {b.adt} ({b.criterion}), "
+                 f"{finetune.epochs} finetune epochs per step")
+        return run_bcd(self.model, self.dataset, b, self.device, self.out, seed=self.config.seed,
+                       finetune_config=finetune, finetune_max_steps=self.config.finetune.max_steps,
+                       teacher=self.teacher, resume=self.resume, on_step=on_step, progress=self.progress,
+                       log=self.log)
+
+
+def bcd_totals(history: list[dict]) -> dict:
+    return {"steps": len(history), "fallbacks": sum(bool(r["fallback"]) for r in history),
+            "tries_scored": sum(int(r["tries_scored"]) for r in history),
+            "seconds_scoring": sum(r["seconds_scoring"] for r in history),
+            "seconds_finetune": sum(r["seconds_finetune"] for r in history),
+            "compute": {key: sum(int(r.get(key, 0)) for r in history) for key in ("train_images", "forward_images")}}
+
+
+def _all_present(model: nn.Module) -> bool:
+    masks = MaskSet(model)
+    return masks.count() == masks.total()
