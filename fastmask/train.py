@@ -131,6 +131,32 @@ def _to_model_format(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return images
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, device, images: int = 2048,
+                          batch_size: int = 256) -> None:
+    """Re-estimates every BatchNorm's running statistics on `images` train images (no augmentation, no gradient).
+
+    After a sudden change of the activations (SNL's binarization) the running statistics describe a network that no
+    longer exists; with a polynomial replacement the stale statistics compound from site to site until eval-mode
+    outputs overflow."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    count = min(images, len(dataset.train_y))
+    for x, _ in iterate_batches(dataset.train_x[:count], dataset.train_y[:count], dataset, batch_size, device,
+                                shuffle=False, augment=False):
+        model(_to_model_format(x, model))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
                       ) -> torch.Tensor:

@@ -204,9 +204,9 @@ class BCD:
         reference = score_current(self.model, self.images, self.labels, batch_size=config.score_batch_size)
         if not math.isfinite(reference[1]):
             raise FastmaskError(f"BCD step {step}: the model's loss on the scoring subset is {reference[1]} (its "
-                                "outputs are not finite in eval mode); a polynomial replacement does this when BN "
-                                "statistics are stale, e.g. SNL binarized with no finetune after it: give "
-                                "--snl-finetune-epochs > 0")
+                                "eval-mode outputs are not finite); a polynomial replacement's quadratic terms can "
+                                "overflow from site to site at low budgets: use --replacement identity, or lower "
+                                "--snl-lr and --finetune-lr")
         standard_error = self._warn_once_if_noisy(reference)
         candidates, estimate_images = self._candidates(remove)
         choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)

@@ -100,6 +100,10 @@ def run_snl(model: nn.Module, dataset: Dataset, budget: int, config: SNLConfig, 
                        loss_hook=l1_penalty, on_epoch=after_snl_epoch, progress=progress)
         count_at_stop = soft_count(masks, config.threshold)
         binarize(masks, budget)
+    if any(site.coeffs is not None for site in masks.sites):
+        # A polynomial replacement amplifies stale BN statistics site after site (eval-mode outputs overflow).
+        # The identity does not, and keeps SNL exactly as published.
+        training.recalibrate_batchnorm(model, dataset, device)
     search_seconds = time.perf_counter() - started
     after_binarize = training.evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
 
