@@ -1,0 +1,182 @@
+"""Console scripts: fastmask-export (ONNX + manifest + masks) and fastmask-pi (a two-party CrypTen run).
+
+Bad input ends in one line, `<prog>: error: ...`, and exit code 2, as with fastmask-linearize.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..errors import FastmaskError
+
+RUN_SUMMARY = "summary.json"
+RUN_CONFIG = "config.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so bad flags end as the same one-line error."""
+
+    def error(self, message: str):
+        raise FastmaskError(message)
+
+
+def _entry(prog: str, body: Callable[[list[str]], None], argv: Optional[Sequence[str]]) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            body(list(sys.argv[1:] if argv is None else argv))
+    except FastmaskError as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    return 0
+
+
+# ---- fastmask-export ------------------------------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastmask-export", description="Export a fastmask checkpoint to ONNX for private inference: "
+                "only kept ReLUs reach a Relu node; a JSON manifest and the masks (safetensors) are written beside it.")
+    p.add_argument("model", help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
+    p.add_argument("--out", help="the .onnx file to write (default: beside the checkpoint, same name)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    return p
+
+
+def _export(argv: list[str]) -> None:
+    from ..checkpoint import load_model
+    from ..nn import masked_sites, relu_count
+    from .export import companion_paths, export_model
+
+    args = export_parser().parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    model = load_model(args.model)
+    manifest = export_model(model, out)
+    manifest_path, masks_path = companion_paths(out)
+    print(f"{out}: {len(manifest['sites'])} masked sites, {relu_count(model):,} of "
+          f"{sum(site.mask.numel() for _, site in masked_sites(model)):,} ReLUs kept")
+    print(f"manifest {manifest_path}, masks {masks_path}")
+    if not args.no_check:
+        print(_check_with_onnxruntime(model, out))
+
+
+def _check_with_onnxruntime(model, path: Path) -> str:
+    """One line: how far onnxruntime's logits are from PyTorch's on a few random inputs (skipped without it)."""
+    import torch
+
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed: the exported graph was not run (pip install -e .[pi])"
+    spec = model.fastmask_spec
+    x = torch.randn(4, spec.get("in_channels", 3), spec["image_size"], spec["image_size"],
+                    generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    difference = float((got - expected).abs().max())
+    return f"onnxruntime vs PyTorch on 4 random inputs: max |logit difference| {difference:.2e}"
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _entry("fastmask-export", _export, argv)
+
+
+# ---- fastmask-pi ----------------------------------------------------------------------------------------------------
+def pi_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastmask-pi", description="Run a fastmask model as a two-party computation with CrypTen on this "
+                "machine (two processes, localhost) and compare it with its all-ReLU version: bytes, rounds, time, "
+                "agreement with plaintext.")
+    p.add_argument("model", help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
+    p.add_argument("--images", type=int, default=20, help="test images to run privately (default 20)")
+    p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits")
+    p.add_argument("--data-dir", help="folder holding the dataset (cifar/tinyimagenet)")
+    p.add_argument("--baseline", help="checkpoint to compare with (default: the model with every mask 1)")
+    p.add_argument("--modes", default="public,secret", help="public, secret or both (default public,secret)")
+    p.add_argument("--out", default="fastmask_pi", help="folder for pi.json, pi.md and the ONNX files")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds the two-party run may take (default 3600)")
+    return p
+
+
+def run_target_folder(model_path: str | Path) -> Optional[Path]:
+    """targets/<budget>/ when the checkpoint is a target of a fastmask run (an out dir holding summary.json)."""
+    target = Path(model_path).resolve().parent
+    if target.parent.name == "targets" and (target.parent.parent / RUN_SUMMARY).is_file():
+        return target
+    return None
+
+
+def _resolve_dataset(args, target: Optional[Path]) -> tuple[str, Optional[str]]:
+    from ..config import load_saved
+
+    run = load_saved(target.parent.parent / RUN_CONFIG) if target is not None else None
+    dataset = args.dataset or (run.data.dataset if run else None) or "digits"
+    data_dir = args.data_dir or (run.data.data_dir if run else None)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise FastmaskError(f"data dir {args.data_dir} does not exist; point --data-dir at the dataset folder")
+    return str(dataset), data_dir
+
+
+def _pi(argv: list[str]) -> None:
+    from .. import data, report
+    from ..checkpoint import load_model, read_spec
+    from .measure import all_relu_copy, compare, table, write_results
+
+    args = pi_parser().parse_args(argv)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in ("public", "secret") for m in modes):
+        raise FastmaskError(f"--modes takes public, secret or public,secret; got {args.modes!r}")
+    if args.images < 1:
+        raise FastmaskError(f"--images must be at least 1, got {args.images}")
+    from .crypten_compat import import_crypten
+
+    import_crypten()  # before any work: a missing CrypTen is one line, not a traceback after the export
+    target = run_target_folder(args.model)
+    dataset_name, data_dir = _resolve_dataset(args, target)
+    spec, _ = read_spec(args.model)
+    dataset = data.load_dataset(dataset_name, data_dir)
+    expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
+                "in_channels": dataset.in_channels}
+    got = {"num_classes": spec.get("num_classes"), "image_size": spec.get("image_size"),
+           "in_channels": spec.get("in_channels", 3)}
+    if got != expected:
+        raise FastmaskError(f"{args.model} takes {got['in_channels']}x{got['image_size']}x{got['image_size']} images "
+                            f"and {got['num_classes']} classes, but {dataset.name} has {dataset.in_channels}x"
+                            f"{dataset.image_size}x{dataset.image_size} and {dataset.num_classes}; pass the model's "
+                            "--dataset")
+    model = load_model(args.model, expected=expected)
+    if args.baseline:
+        baseline, baseline_label = load_model(args.baseline, expected=expected), str(args.baseline)
+    else:
+        baseline, baseline_label = all_relu_copy(model), "all-ReLU (same weights)"
+    count = min(args.images, len(dataset.test_y))
+    if count < args.images:
+        print(f"[fastmask-pi] the {dataset.name} test split has {count} images; running all of them")
+    images = data.normalize(dataset.test_x[:count], dataset, "cpu")
+    labels = dataset.test_y[:count]
+    model_label = str(Path(*Path(args.model).resolve().parts[-3:])) if target else str(args.model)
+    print(f"[fastmask-pi] {dataset.name}: {count} test images, modes {', '.join(modes)}; two CrypTen parties on "
+          "localhost, one image at a time")
+    started = time.perf_counter()
+    out = Path(args.out)
+    rows = compare([(model_label, "model", model), (baseline_label, "baseline", baseline)], images, labels,
+                   out / "onnx", modes=modes, timeout=args.timeout)
+    written = write_results(rows, out)
+    if target is not None:
+        written += write_results(rows, target)
+        written.append(report.attach_pi(target.parent.parent, int(target.name), rows))
+    print(table(rows), end="")
+    print(f"[fastmask-pi] done in {time.perf_counter() - started:.0f}s; wrote {', '.join(map(str, written))}")
+
+
+def pi_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _entry("fastmask-pi", _pi, argv)
