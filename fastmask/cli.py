@@ -14,23 +14,16 @@ import argparse
 import contextlib
 import sys
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from . import config as settings
-from .errors import FastmaskError
+from .errors import ArgumentParser, FastmaskError
 
 PROG = "fastmask-linearize"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so every bad input ends as the same one-line error."""
-
-    def error(self, message: str):
-        raise FastmaskError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                 epilog="With no arguments: the offline digits demo (a few minutes on 2 CPU cores).")
     p.add_argument("--config", help="YAML file of settings (config.yaml's layout, or flag names with _); flags "
                                     "override it")
@@ -69,13 +62,13 @@ def parse(argv: Sequence[str]):
 
 
 @contextlib.contextmanager
-def one_line_warnings() -> Iterator[None]:
+def one_line_warnings(prog: str = PROG) -> Iterator[None]:
     """Warnings are advice to the user (e.g. ADT below the scoring noise): one line, no source excerpt; the
     previous warning printer is back when the block ends."""
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"[{PROG}] warning: {message}", file=file or sys.stderr, flush=True)
+        print(f"[{prog}] warning: {message}", file=file or sys.stderr, flush=True)
 
     warnings.showwarning = show
     try:
@@ -95,20 +88,44 @@ def run(argv: Sequence[str]) -> dict:
     return Pipeline.prepare(config, resume=resume, progress=progress, log=log).run()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[Sequence[str]],
+                ignore: tuple[type[Warning], ...] = ()) -> int:
+    """Runs a console script's body: user errors as one line and exit 2, Ctrl-C as 130, --help as 0."""
     try:
-        with one_line_warnings():
-            run(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings(), one_line_warnings(prog):
+            for category in ignore:
+                warnings.simplefilter("ignore", category)
+            body(list(sys.argv[1:] if argv is None else argv))
     except FastmaskError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print(f"{prog}: interrupted; rerun with --resume to continue" if prog == PROG else f"{prog}: interrupted",
+              file=sys.stderr)
         return 130
     except SystemExit as done:  # --help
         return int(done.code or 0)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """fastmask-linearize."""
+    return run_command(PROG, run, argv)
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    """fastmask-export: ONNX in which Relu sees only the kept positions, a manifest and the masks."""
+    from .pi.commands import export
+
+    return run_command("fastmask-export", export, argv, ignore=(UserWarning,))  # torch.onnx's exporter chatter
+
+
+def pi_main(argv: Optional[Sequence[str]] = None) -> int:
+    """fastmask-pi: a measured two-party run of a model next to its all-ReLU version."""
+    from .pi.commands import pi
+
+    return run_command("fastmask-pi", pi, argv, ignore=(UserWarning,))
 
 
 if __name__ == "__main__":

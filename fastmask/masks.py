@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import FastmaskError
+from .files import atomic_write, atomic_write_text
 from .nn import MaskedReLU, masked_sites
 
 
@@ -182,9 +183,9 @@ class MaskSet:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.state(), str(path))
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(self.summary(), indent=2))
+        with atomic_write(path) as tmp:
+            save_file(self.state(), str(tmp))
+        atomic_write_text(path.with_suffix(path.suffix + ".json"), json.dumps(self.summary(), indent=2))
 
     def load(self, path: str | Path) -> None:
         from safetensors.torch import load_file

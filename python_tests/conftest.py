@@ -15,3 +15,13 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def private_decode_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTMASK_CACHE_DIR", str(tmp_path / "fastmask-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: as fast alone, and far faster on a busy machine (two threads
+    spin-waiting for each other on a loaded 2-core runner made each conv take milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,7 +13,9 @@ from fastmask.errors import FastmaskError
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from fastmask.pi.commands import export_main  # noqa: E402
+from helpers import batchnorm_statistics_from  # noqa: E402
+
+from fastmask.cli import export_main  # noqa: E402
 from fastmask.pi.export import build_onnx, companion_paths, export_model, relu_elements  # noqa: E402
 
 FORBIDDEN_OPS = {"Where", "ScatterElements", "ScatterND", "Identity", "BatchNormalization"}
@@ -41,14 +43,7 @@ def masked_model(arch: str, polynomial: bool, images: torch.Tensor, width: int, 
         if polynomial:
             noise = 0.1 * torch.randn(site.coeffs.shape, generator=generator)
             site.coeffs.data = noise + torch.tensor([0.0, 1.0, 0.0])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average: one pass of the masked model gives exact statistics
-    model.train()
-    with torch.no_grad():
-        model(images)
-    model.eval()
-    return model
+    return batchnorm_statistics_from(model, images)
 
 
 CASES = [("resnet18", False, 4), ("resnet18", True, 4), ("wide_resnet22_8", False, 8), ("wide_resnet22_8", True, 8)]

@@ -13,7 +13,9 @@ pytest.importorskip("onnx")
 if importlib.util.find_spec("crypten") is None:  # plain importorskip would fail on CrypTen's stale torch import
     pytest.skip("CrypTen is not installed (pip install -e .[pi])", allow_module_level=True)
 
-from fastmask.pi.commands import pi_main  # noqa: E402
+from helpers import batchnorm_statistics_from  # noqa: E402
+
+from fastmask.cli import pi_main  # noqa: E402
 from fastmask.pi.export import export_model  # noqa: E402
 from fastmask.pi.measure import all_relu_copy  # noqa: E402
 from fastmask.pi.two_party import run_two_party  # noqa: E402
@@ -38,14 +40,7 @@ def tiny_masked_model(images: torch.Tensor, kept_fraction: float, arch: str = "r
         site.mask.copy_(torch.rand(site.mask.shape, generator=generator) < kept_fraction)
         if polynomial:
             site.coeffs.data = 0.05 * torch.randn(site.coeffs.shape, generator=generator) + torch.tensor([0, 1.0, 0])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average: one pass of the masked model gives exact statistics
-    model.train()
-    with torch.no_grad():
-        model(images)
-    model.eval()
-    return model
+    return batchnorm_statistics_from(model, images)
 
 
 def test_public_weight_bytes_follow_the_relu_count(tmp_path, digits):

@@ -11,13 +11,7 @@ from fastmask.errors import FastmaskError
 from fastmask.nn import MaskedReLU
 from fastmask.search.polynomial import fit_polynomial, make_polynomial
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def site_inputs(n: int = 40, seed: int = 0) -> torch.Tensor:

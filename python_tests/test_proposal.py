@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomize_batchnorm
 
 import fastmask as fm
 from fastmask.config import BCDConfig
@@ -23,27 +24,14 @@ IMAGE = 8
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def make_model(seed: int = 0, removed_fraction: float = 0.3) -> nn.Module:
     """A tiny ResNet18 with BN away from identity and a sharp head, 30% of its ReLUs already removed."""
     torch.manual_seed(seed)
     model = fm.models.create("resnet18", CLASSES, IMAGE, width=4)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
-        if isinstance(m, nn.Linear):
-            m.weight.data.mul_(5.0)
+    randomize_batchnorm(model, seed, head_scale=5.0)
     ms = fm.MaskSet(model)
     ms.remove(ms.sample(int(ms.total() * removed_fraction), torch.Generator().manual_seed(seed)))
     return model

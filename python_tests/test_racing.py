@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import randomize_batchnorm
 
 import fastmask as fm
 from fastmask.errors import FastmaskError
@@ -16,25 +17,14 @@ IMAGE = 8
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def make_model(seed: int = 0) -> nn.Module:
     """A tiny ResNet18, BN away from identity, 30% of ReLUs removed."""
     torch.manual_seed(seed)
     model = fm.models.create("resnet18", CLASSES, IMAGE, width=4)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
+    randomize_batchnorm(model, seed)
     ms = fm.MaskSet(model)
     ms.remove(ms.sample(int(ms.total() * 0.3), torch.Generator().manual_seed(seed)))
     return model

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomize_batchnorm
 
 import fastmask as fm
 from fastmask.errors import FastmaskError
@@ -26,28 +27,12 @@ IMAGE = 8
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast alone and far faster on a busy machine (two threads
-    spin-waiting for each other on a loaded 2-core runner made each conv take milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
     """BN statistics and affine away from identity, a sharp head: candidates then change logits visibly."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
-        if isinstance(m, nn.Linear):
-            m.weight.data.mul_(20.0)
-    return model
+    return randomize_batchnorm(model, seed, head_scale=20.0)
 
 
 def make_model(arch: str, seed: int = 0, removed_fraction: float = 0.3, polynomial: bool = False) -> nn.Module:

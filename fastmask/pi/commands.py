@@ -1,56 +1,31 @@
-"""Console scripts: fastmask-export (ONNX + manifest + masks) and fastmask-pi (a two-party CrypTen run).
-
-Bad input ends in one line, `<prog>: error: ...`, and exit code 2, as with fastmask-linearize.
+"""The bodies of fastmask-export (ONNX + manifest + masks) and fastmask-pi (a two-party CrypTen run); fastmask.cli
+runs them, so bad input ends in one line, `<prog>: error: ...`, and exit code 2, as with fastmask-linearize.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
-from ..errors import FastmaskError
+from ..errors import ArgumentParser, FastmaskError
 
 RUN_SUMMARY = "summary.json"
 RUN_CONFIG = "config.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so bad flags end as the same one-line error."""
-
-    def error(self, message: str):
-        raise FastmaskError(message)
-
-
-def _entry(prog: str, body: Callable[[list[str]], None], argv: Optional[Sequence[str]]) -> int:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            body(list(sys.argv[1:] if argv is None else argv))
-    except FastmaskError as err:
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as done:  # --help
-        return int(done.code or 0)
-    return 0
-
-
 # ---- fastmask-export ------------------------------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastmask-export", description="Export a fastmask checkpoint to ONNX for private inference: "
-                "only kept ReLUs reach a Relu node; a JSON manifest and the masks (safetensors) are written beside it.")
+    p = ArgumentParser(prog="fastmask-export",
+                       description="Export a fastmask checkpoint to ONNX for private inference: only kept ReLUs reach "
+                       "a Relu node; a JSON manifest and the masks (safetensors) are written beside it.")
     p.add_argument("model", help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
     p.add_argument("--out", help="the .onnx file to write (default: beside the checkpoint, same name)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     return p
 
 
-def _export(argv: list[str]) -> None:
+def export(argv: list[str]) -> None:
     from ..checkpoint import load_model
     from ..nn import masked_sites, relu_count
     from .export import companion_paths, export_model
@@ -87,15 +62,12 @@ def _check_with_onnxruntime(model, path: Path) -> str:
     return f"onnxruntime vs PyTorch on 4 random inputs: max |logit difference| {difference:.2e}"
 
 
-def export_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _entry("fastmask-export", _export, argv)
-
-
 # ---- fastmask-pi ----------------------------------------------------------------------------------------------------
 def pi_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastmask-pi", description="Run a fastmask model as a two-party computation with CrypTen on this "
-                "machine (two processes, localhost) and compare it with its all-ReLU version: bytes, rounds, time, "
-                "agreement with plaintext.")
+    p = ArgumentParser(prog="fastmask-pi",
+                       description="Run a fastmask model as a two-party computation with CrypTen on this machine (two "
+                       "processes, localhost) and compare it with its all-ReLU version: bytes, rounds, time, "
+                       "agreement with plaintext.")
     p.add_argument("model", help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
     p.add_argument("--images", type=int, default=20, help="test images to run privately (default 20)")
     p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits")
@@ -126,7 +98,7 @@ def _resolve_dataset(args, target: Optional[Path]) -> tuple[str, Optional[str]]:
     return str(dataset), data_dir
 
 
-def _pi(argv: list[str]) -> None:
+def pi(argv: list[str]) -> None:
     from .. import data, report
     from ..checkpoint import load_model, read_spec
     from .measure import all_relu_copy, compare, table, write_results
@@ -177,6 +149,3 @@ def _pi(argv: list[str]) -> None:
     print(table(rows), end="")
     print(f"[fastmask-pi] done in {time.perf_counter() - started:.0f}s; wrote {', '.join(map(str, written))}")
 
-
-def pi_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _entry("fastmask-pi", _pi, argv)
