@@ -275,6 +275,15 @@ class Pipeline:
                            max_steps=max_steps)
         return int(rows[-1]["images"]) if rows else 0
 
+    def steps_for_images(self, images: int) -> int:
+        """The fewest finetune steps that train on at least `images` images (an epoch ends in a partial batch)."""
+        if images <= 0:
+            return 0
+        n = len(self.dataset.train_y)
+        batch = train.TrainConfig(epochs=1, optimizer="sgd", lr=1.0).batch_size
+        epochs, rest = divmod(images, n)
+        return epochs * data.steps_per_epoch(n, batch) + math.ceil(rest / batch)
+
     def snl_targets_stage(self, start: nn.Module, bcd_targets: Optional[list[dict]]) -> list[dict]:
         """SNL from the B_ref model straight to each target (alpha phase, binarize at the target, finetune).
 
@@ -298,8 +307,7 @@ class Pipeline:
             alpha_images = int(history["alpha_images"])
             bcd = next((t for t in bcd_targets or [] if t["budget"] == budget), None)
             if bcd is not None:
-                left = int(bcd["train_images"]) + int(bcd["forward_images"]) - alpha_images
-                steps = max(0, math.ceil(left / batch))
+                steps = self.steps_for_images(int(bcd["train_images"]) + int(bcd["forward_images"]) - alpha_images)
                 per_epoch = data.steps_per_epoch(len(self.dataset.train_y), batch)
                 finetune_images = self.finetune(model, math.ceil(steps / per_epoch), steps) if steps else 0
             else:

@@ -14,8 +14,11 @@ import torch.nn.functional as F
 import fastmask as fm
 from fastmask.errors import FastmaskError
 from fastmask.masks import MaskSet
-from fastmask.search import bcd, scoring
+from fastmask.search import bcd, racing, scoring
 from fastmask.search.bcd import BCD, BCDConfig
+
+# The paper's Algorithm 2: uniform candidates, scored exactly in order with its stop rule.
+PAPER_SEARCH = {"proposal": "uniform", "scoring": "exact"}
 
 
 def tiny_model(seed: int = 0):
@@ -147,8 +150,8 @@ def test_driver_applies_the_chosen_candidate(tmp_path, data, monkeypatch, accept
     images, labels = data
     model = tiny_model()
     before = MaskSet(model).flat()
-    driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=5, adt=0.3, criterion="accuracy"), images, labels,
-                 lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
+    driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=5, adt=0.3, criterion="accuracy", **PAPER_SEARCH),
+                 images, labels, lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
     with pytest.warns(RuntimeWarning):
         result = driver.run()
     removed = (before & ~MaskSet(model).flat()).nonzero().squeeze(1)
@@ -160,6 +163,47 @@ def test_driver_applies_the_chosen_candidate(tmp_path, data, monkeypatch, accept
     assert record["fallback"] is (accepted is None)
     assert record["accepted_drop"] == pytest.approx(60.0 - (45 if accepted is not None else 55))
     assert record["tries_scored"] == (3 if accepted is not None else 5)
+    # compute: the reference pass plus every candidate scored, on all 64 images
+    assert record["forward_images"] == 64 * (1 + record["tries_scored"])
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_race_and_informed_candidates_drive_the_step(tmp_path, data, monkeypatch, accepted):
+    """The default search: candidates come from propose() on removal_costs(), the race picks one, and the step log
+    carries the race's image-forwards and the cost pass's images."""
+    seen = {}
+    real_propose = bcd.propose
+
+    def spy_propose(costs, k, rt, generator, **kw):
+        seen["proposed"] = real_propose(costs, k, rt, generator, **kw)
+        seen["costs"] = costs
+        return seen["proposed"]
+
+    def fake_race(model, candidates, images, labels, **kw):
+        seen["race"] = kw
+        survivors = [1, 0]
+        return racing.RaceResult(order=[1, 0, 2, 3], best=1, survivors=survivors, accuracy=[59.9, 50.0],
+                                 loss=[1.6, 2.0], accepted=1 if accepted else None, forward_images=123)
+
+    monkeypatch.setattr(bcd, "propose", spy_propose)
+    monkeypatch.setattr(bcd, "race", fake_race)
+    monkeypatch.setattr(bcd, "score_current", lambda *a, **k: (60.0, 1.5))
+    images, labels = data
+    model = tiny_model()
+    before = MaskSet(model).flat()
+    driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=4, adt=0.3), images, labels,
+                 lambda m, step: {"val_acc": 1.0, "train_images": 500}, tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    removed = (before & ~MaskSet(model).flat()).nonzero().squeeze(1)
+    assert torch.equal(removed, seen["proposed"][1])
+    assert seen["costs"].numel() == MaskSet(model).total() and len(seen["proposed"]) == 4
+    assert seen["race"]["reference"] == (60.0, 1.5) and seen["race"]["adt"] == 0.3
+    record = result.history[0]
+    assert record["fallback"] is (not accepted) and record["accepted_drop"] == pytest.approx(0.1)
+    assert record["forward_images"] == 64 + 123  # the reference pass + the race
+    assert record["train_images"] == 500 + 64  # the finetune + the cost pass (forward and backward)
+    assert result.targets[0]["forward_images"] == 187 and result.targets[0]["train_images"] == 564
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

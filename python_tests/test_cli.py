@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import fastmask as fm
@@ -174,6 +175,35 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert (out / "targets/2200/masks.safetensors").read_bytes() == masks_before
     # the same run again without --resume is refused
     assert cli.main(TINY + ["--out", str(out)]) != 0
+
+
+def test_method_both_gives_snl_the_compute_bcd_spent(tmp_path):
+    """--method both: SNL goes from the same B_ref model to each target and trains on at least as many images as BCD
+    trained on and pushed forward to reach it (within one batch); both curves are in the report."""
+    out = tmp_path / "both"
+    assert cli.main(TINY + ["--out", str(out), "--method", "both", "--snl-target-epochs", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["budget"] for t in summary["snl_targets"]] == [2600, 2200]
+    for bcd_target, snl_target in zip(summary["targets"], summary["snl_targets"]):
+        bcd_total = bcd_target["train_images"] + bcd_target["forward_images"]
+        snl_total = snl_target["train_images"] + snl_target["forward_images"]
+        assert bcd_total <= snl_total < bcd_total + 128
+        model = fm.checkpoint.load_model(out / "snl_targets" / str(snl_target["budget"]) / "model.safetensors")
+        assert fm.relu_count(model) == snl_target["budget"]
+    assert summary["compute"]["bcd"]["forward_images"] > 0 and summary["compute"]["snl"]["forward_images"] == 0
+    rows = list(csv.DictReader((out / "steps.csv").open()))
+    assert sum(int(r["forward_images"]) for r in rows) == summary["compute"]["bcd"]["forward_images"]
+
+
+def test_polynomial_replacement_is_fitted_trained_and_saved(tmp_path):
+    out = tmp_path / "poly"
+    assert cli.main(TINY + ["--out", str(out), "--replacement", "polynomial", "--snl-finetune-epochs", "1"]) == 0
+    reference = fm.checkpoint.load_model(out / "snl" / "model.safetensors")
+    target = fm.checkpoint.load_model(out / "targets" / "2200" / "model.safetensors")
+    assert target.fastmask_spec["polynomial"] and fm.relu_count(target) == 2200
+    for (_, a), (_, b) in zip(fm.masked_sites(reference), fm.masked_sites(target)):
+        assert a.coeffs is not None and not torch.equal(a.coeffs, torch.tensor([[0.0, 1.0, 0.0]]).expand_as(a.coeffs))
+        assert not torch.equal(a.coeffs, b.coeffs)  # BCD's finetunes train them further
 
 
 def test_python_dash_m_entry_point_exists():
