@@ -4,10 +4,10 @@
 #
 # Usage: bash bench/gpu.sh [STEP ...]     steps: build tests_cuda masked_act scoring conv_bn_act tests_all
 #        (default: all of them, in that order; `build` runs first whenever fastmask._C is not built here)
-# Env:   GPU_BUDGET_S   seconds the whole script may use (default 540, under a 10-minute job limit).
+# Env:   GPU_BUDGET_S   seconds the whole script may use (default 540).
 #                       A step starts only if its share fits what is left, and is cut off (SIGINT, so pytest still
 #                       saves) at what is left; steps not run are listed at the end, for a second call to name.
-#        OUT            where logs and JSON go (default bench/results/). Few files, easy to copy off a remote machine:
+#        OUT            where logs and JSON go (default bench/results/):
 #                       everything is in gpu.log and build.log, plus one <bench>_bench.json per bench
 #                       (pytest-benchmark format; GB/s, % of peak and the ratios vs each named baseline are in every
 #                       benchmark's extra_info) and the conv bench's conv_bn_act.{md,json}: 7 files at most.

@@ -20,11 +20,15 @@ from . import config as settings
 from .errors import ArgumentParser, FastmaskError
 
 PROG = "fastmask-linearize"
+# Warnings from the ONNX exporter (deprecations, constant folding) say nothing a user of these commands can act on.
+ONNX_MODULES = (r"torch\.onnx(\.|$)", r"onnx(\.|$)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                epilog="With no arguments: the offline digits demo (a few minutes on 2 CPU cores).")
+                epilog="With no arguments: the offline digits demo (a few minutes on 2 CPU cores). The defaults shown "
+                       "are the full-scale ones; on digits the demo preset replaces them (see config.yaml in its out "
+                       "dir).")
     p.add_argument("--config", help="YAML file of settings (config.yaml's layout, or flag names with _); flags "
                                     "override it")
     p.add_argument("--preset", choices=sorted(settings.PRESETS),
@@ -89,12 +93,12 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[Sequence[str]],
-                ignore: tuple[type[Warning], ...] = ()) -> int:
+                quiet_modules: tuple[str, ...] = ()) -> int:
     """Runs a console script's body: user errors as one line and exit 2, Ctrl-C as 130, --help as 0."""
     try:
         with warnings.catch_warnings(), one_line_warnings(prog):
-            for category in ignore:
-                warnings.simplefilter("ignore", category)
+            for module in quiet_modules:  # third-party chatter the user can do nothing about
+                warnings.filterwarnings("ignore", module=module)
             body(list(sys.argv[1:] if argv is None else argv))
     except FastmaskError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
@@ -118,14 +122,14 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     """fastmask-export: ONNX in which Relu sees only the kept positions, a manifest and the masks."""
     from .pi.commands import export
 
-    return run_command("fastmask-export", export, argv, ignore=(UserWarning,))  # torch.onnx's exporter chatter
+    return run_command("fastmask-export", export, argv, quiet_modules=ONNX_MODULES)
 
 
 def pi_main(argv: Optional[Sequence[str]] = None) -> int:
     """fastmask-pi: a measured two-party run of a model next to its all-ReLU version."""
     from .pi.commands import pi
 
-    return run_command("fastmask-pi", pi, argv, ignore=(UserWarning,))
+    return run_command("fastmask-pi", pi, argv, quiet_modules=ONNX_MODULES + (r"crypten(\.|$)",))
 
 
 if __name__ == "__main__":

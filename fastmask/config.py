@@ -30,8 +30,6 @@ def setting(default: Any, help: str, kind: Callable = str, check: Optional[Calla
     (device, out) may change between a run and its --resume; flag overrides the derived flag name."""
     metadata = {"help": help, "kind": kind, "check": check, "choices": tuple(choices), "flag": flag,
                 "runtime": runtime}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -85,7 +83,8 @@ class DataConfig:
     data_dir: Optional[str] = setting(None, "folder holding the dataset (cifar, tinyimagenet); cifar is downloaded "
                                             "there when missing and the machine is online")
     val_size: float = setting(0.1, "validation images carved from train: a count, or a fraction below 1",
-                              kind=number, check=positive)
+                              kind=number, check=lambda v: None if 0 < v < 1 or (v >= 1 and v == int(v)) else
+                              "must be a fraction below 1 or a whole count")
 
 
 @dataclass
@@ -168,12 +167,13 @@ class BCDConfig:
 class FinetuneConfig:
     epochs: Optional[int] = setting(None, "finetune epochs per BCD step (default: the paper's 20, or 5 on "
                                           "tinyimagenet)", kind=whole, check=positive)
-    optimizer: Optional[str] = setting(None, "default: sgd for resnet, adam for wide resnets (the paper's)",
+    optimizer: Optional[str] = setting(None, "every finetune's optimizer (BCD steps, after SNL, SNL to a target); "
+                                             "default: sgd for resnet, adam for wide resnets (the paper's)",
                                        choices=OPTIMIZERS)
-    lr: Optional[float] = setting(None, "default: 1e-3 for sgd, 3.5e-5 for adam (the paper's)", kind=number,
-                                  check=positive)
-    max_steps: Optional[int] = setting(None, "at most this many optimizer steps per finetune (a fraction of an "
-                                             "epoch)", kind=whole, check=positive)
+    lr: Optional[float] = setting(None, "every finetune's lr; default: 1e-3 for sgd, 3.5e-5 for adam (the paper's)",
+                                  kind=number, check=positive)
+    max_steps: Optional[int] = setting(None, "at most this many optimizer steps in each BCD step's finetune (a "
+                                             "fraction of an epoch)", kind=whole, check=positive)
 
     def epochs_for(self, dataset: str) -> int:
         if self.epochs is not None:
@@ -190,7 +190,8 @@ class RunConfig:
     bcd: BCDConfig = field(default_factory=BCDConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     method: str = setting("bcd", "bcd: BCD from the SNL model at B_ref; snl: SNL from B_ref straight to each "
-                                 "target; both: the two from the same B_ref model with equal compute",
+                                 "target; both: the two from the same B_ref model with equal compute, counted in "
+                                 "image passes (images trained on + images pushed forward)",
                           choices=METHODS)
     replacement: str = setting("identity", "what a removed ReLU becomes: identity, or a per-channel polynomial "
                                            "c0 + c1 x + c2 x^2 fitted by least squares and trained with the weights",
@@ -204,7 +205,8 @@ class RunConfig:
 FLAG_PREFIX = {"data": "", "model": "", "baseline": "baseline-", "snl": "snl-", "bcd": "", "finetune": "finetune-"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Algorithm 2 as the paper runs it on CIFAR (TinyImageNet: 5 finetune epochs per step, see FinetuneConfig).
+    # Algorithm 2 as the paper runs it on CIFAR (TinyImageNet: 5 finetune epochs per step, see FinetuneConfig). Its
+    # values are pinned here on purpose, even where today's defaults agree: the preset must not move with them.
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3,
               "bcd.criterion": "accuracy", "bcd.score_subset": 0, "bcd.proposal": "uniform",
@@ -243,7 +245,7 @@ class Setting:
         meta = self.field.metadata
         try:
             value = meta["kind"](value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise FastmaskError(f"{self.flag} must be {_kind_name(meta['kind'])}, got {value!r}") from None
         if meta["choices"] and value not in meta["choices"]:
             raise FastmaskError(f"{self.flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
@@ -328,10 +330,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any] = {}, preset: Optional[str] = None
             ) -> RunConfig:
-    """defaults <- preset <- YAML <- flags, each a {path: value} map (None = not given), checked value by value."""
-    given = {k: v for k, v in yaml_values.items() if v is not None}
+    """defaults <- preset <- YAML <- flags, each a {path: value} map, checked value by value. A YAML null is a value
+    (it clears a preset's setting, so a run's config.yaml reproduces it); a flag of None was not typed."""
+    given = dict(yaml_values)
     given.update({k: v for k, v in flags.items() if v is not None})
-    dataset = str(given.get("data.dataset", DataConfig.dataset))
+    dataset = str(given.get("data.dataset") or DataConfig.dataset)
     if preset is None and dataset == "digits":
         preset = "demo"
     if preset is not None and preset not in PRESETS:

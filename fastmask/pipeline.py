@@ -120,9 +120,9 @@ class Pipeline:
             raise FastmaskError(f"out dir {self.out} holds a config.yaml that is not a fastmask run; choose another "
                                 "--out") from None
         if saved is None:
-            if self.out.is_dir() and any(self.out.iterdir()) and not self.resume:
-                raise FastmaskError(f"out dir {self.out} is not empty and holds no fastmask run; choose another "
-                                    "--out")
+            if self.out.is_dir() and any(self.out.iterdir()):
+                raise FastmaskError(f"out dir {self.out} is not empty and holds no fastmask run"
+                                    + (" to resume" if self.resume else "") + "; choose another --out")
             return
         mine, theirs = settings.comparable(self.config), settings.comparable(saved)
         if mine != theirs:
@@ -162,8 +162,10 @@ class Pipeline:
             summary["compute"]["bcd"] = summary["bcd"]["compute"]
         if method in ("snl", "both"):
             summary["snl_targets"] = self.snl_targets_stage(start_model, summary.get("targets"))
-            summary["compute"]["snl"] = {key: sum(int(t[key]) for t in summary["snl_targets"])
-                                         for key in ("train_images", "forward_images")}
+            # Each target's SNL run starts again from B_ref: its compute is per target, next to BCD's to that target.
+            summary["compute"]["snl_per_target"] = {
+                str(t["budget"]): {key: int(t[key]) for key in ("train_images", "forward_images")}
+                for t in summary["snl_targets"]}
         summary["snl_points"] = ([reference] if reference else []) + summary.get("snl_targets", [])
         summary["seconds"] = time.perf_counter() - started
         written = report.write_report(self.out, summary, history)
@@ -183,7 +185,8 @@ class Pipeline:
 
     def finetune_config(self, epochs: Optional[int] = None) -> train.TrainConfig:
         f = self.config.finetune
-        return train.finetune_config(self.config.model.arch, epochs or f.epochs_for(self.config.data.dataset),
+        return train.finetune_config(self.config.model.arch,
+                                     f.epochs_for(self.config.data.dataset) if epochs is None else epochs,
                                      lr=f.lr, optimizer=f.optimizer)
 
     def _load_stage(self, path: Path) -> Optional[dict]:
@@ -218,17 +221,14 @@ class Pipeline:
             self.teacher = frozen_copy(self.model)
         return saved
 
-    def snl(self, model: nn.Module, budget: int, *, max_epochs: Optional[int] = None,
-            finetune_epochs: Optional[int] = None, finetune_max_steps: Optional[int] = None) -> dict:
+    def snl(self, model: nn.Module, budget: int) -> dict:
         """SNL on `model` in place down to exactly `budget` ReLUs, with this run's settings, teacher and seed;
         returns its measurements."""
         t0 = time.perf_counter()
         s = self.config.snl
-        epochs = s.finetune_epochs if finetune_epochs is None else finetune_epochs
         history = snl.run_snl(model, self.dataset, budget, s, self.device, seed=self.config.seed,
-                              max_epochs=max_epochs,
-                              finetune=self.finetune_config(epochs) if epochs > 0 else None,
-                              finetune_max_steps=finetune_max_steps, teacher=self.teacher, progress=self.progress)
+                              finetune=self.finetune_config(s.finetune_epochs) if s.finetune_epochs > 0 else None,
+                              teacher=self.teacher, progress=self.progress)
         return {"budget": budget, **self.measure(model), "seconds": time.perf_counter() - t0,
                 "snl_epochs": history["snl_epochs"], "reached_budget": history["reached_budget"],
                 "val_acc_after_binarize": history["val_acc_after_binarize"]}
@@ -280,7 +280,7 @@ class Pipeline:
         if images <= 0:
             return 0
         n = len(self.dataset.train_y)
-        batch = train.TrainConfig(epochs=1, optimizer="sgd", lr=1.0).batch_size
+        batch = self.finetune_config().batch_size
         epochs, rest = divmod(images, n)
         return epochs * data.steps_per_epoch(n, batch) + math.ceil(rest / batch)
 
@@ -291,7 +291,7 @@ class Pipeline:
         pushed forward, to that target) minus the images SNL's alpha phase trained on. Alone, it finetunes for
         --snl-finetune-epochs."""
         rows = []
-        batch = train.TrainConfig(epochs=1, optimizer="sgd", lr=1.0).batch_size
+        per_epoch = data.steps_per_epoch(len(self.dataset.train_y), self.finetune_config().batch_size)
         for budget in self.config.bcd.targets:
             path = self.out / "snl_targets" / str(budget) / "model.safetensors"
             if self.resume and path.is_file():
@@ -307,8 +307,11 @@ class Pipeline:
             alpha_images = int(history["alpha_images"])
             bcd = next((t for t in bcd_targets or [] if t["budget"] == budget), None)
             if bcd is not None:
-                steps = self.steps_for_images(int(bcd["train_images"]) + int(bcd["forward_images"]) - alpha_images)
-                per_epoch = data.steps_per_epoch(len(self.dataset.train_y), batch)
+                bcd_images = int(bcd["train_images"]) + int(bcd["forward_images"])
+                if alpha_images > bcd_images:
+                    self.log(f"SNL to {budget}: its alpha phase alone trained on {alpha_images} images, more than "
+                             f"BCD's {bcd_images}: no finetune, and SNL had more compute than BCD here")
+                steps = self.steps_for_images(bcd_images - alpha_images)
                 finetune_images = self.finetune(model, math.ceil(steps / per_epoch), steps) if steps else 0
             else:
                 epochs = self.config.snl.finetune_epochs

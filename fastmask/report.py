@@ -139,7 +139,7 @@ def write_report(out_dir: str | Path, summary: Mapping, history: Sequence[Mappin
         written.append(plots / f"per_site_{target['budget']}.png")
         plot_per_site(written[-1], target["per_site"], f"ReLUs per site at {target['budget']} (BCD)")
     if history:
-        config = summary.get("config", {})
+        search = summary.get("config", {}).get("bcd", {})
         written.append(plots / "accepted_drop.png")
-        plot_accepted_drops(written[-1], history, float(config.get("adt", 0.0)), config.get("criterion", "accuracy"))
+        plot_accepted_drops(written[-1], history, float(search.get("adt", 0.0)), search.get("criterion", "accuracy"))
     return written

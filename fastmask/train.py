@@ -143,18 +143,21 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, device, images: in
     if not norms:
         return
     momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
     was_training = model.training
-    model.train()
-    count = min(images, len(dataset.train_y))
-    for x, _ in iterate_batches(dataset.train_x[:count], dataset.train_y[:count], dataset, batch_size, device,
-                                shuffle=False, augment=False):
-        model(_to_model_format(x, model))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+    # A fixed random subset: a split stored class by class would otherwise give the statistics of a few classes.
+    index = torch.randperm(len(dataset.train_y), generator=torch.Generator().manual_seed(0))[:images].sort().values
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        model.train()
+        for x, _ in iterate_batches(dataset.train_x[index], dataset.train_y[index], dataset, batch_size, device,
+                                    shuffle=False, augment=False):
+            model(_to_model_format(x, model))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 # ---- training ---------------------------------------------------------------------------------------------------

@@ -120,6 +120,15 @@ def test_every_setting_is_a_flag_and_round_trips_through_config_yaml(tmp_path):
     assert all(f"--{s.flag}" in help_text for s in settings.SETTINGS.values())
 
 
+def test_a_yaml_null_clears_a_preset_value_and_bad_numbers_are_one_line(tmp_path, capsys, other_run):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("snl:\n  ref_budget: null\nmodel:\n  width: 4\n")
+    config, _, _ = cli.parse(["--config", str(config_file)])
+    assert config.snl.ref_budget is None and config.bcd.targets == settings.PRESETS["demo"]["bcd.targets"]
+    fails(["--drc", "inf"], capsys, other_run, "drc must be a whole number")
+    fails(["--val-size", "1.5"], capsys, other_run, "val-size must be a fraction below 1 or a whole count")
+
+
 def test_paper_preset_is_algorithm_2():
     config, _, _ = cli.parse(["--preset", "paper", "--dataset", "cifar10", "--targets", "15000"])
     assert (config.bcd.drc, config.bcd.rt, config.bcd.adt, config.bcd.criterion, config.bcd.score_subset) == \
@@ -190,7 +199,10 @@ def test_method_both_gives_snl_the_compute_bcd_spent(tmp_path):
         assert bcd_total <= snl_total < bcd_total + 128
         model = fm.checkpoint.load_model(out / "snl_targets" / str(snl_target["budget"]) / "model.safetensors")
         assert fm.relu_count(model) == snl_target["budget"]
-    assert summary["compute"]["bcd"]["forward_images"] > 0 and summary["compute"]["snl"]["forward_images"] == 0
+    assert summary["compute"]["bcd"]["forward_images"] > 0
+    for t in summary["snl_targets"]:
+        assert t["alpha_images"] > 0 and t["alpha_images"] + t["finetune_images"] == t["train_images"]
+        assert summary["compute"]["snl_per_target"][str(t["budget"])]["train_images"] == t["train_images"]
     rows = list(csv.DictReader((out / "steps.csv").open()))
     assert sum(int(r["forward_images"]) for r in rows) == summary["compute"]["bcd"]["forward_images"]
 

@@ -70,7 +70,7 @@ def test_pi_command_in_a_run_folder(tmp_path, capsys, digits):
     run = tmp_path / "run"
     target = run / "targets" / "1200"
     (run / "summary.json").parent.mkdir(parents=True)
-    (run / "summary.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"targets": [{"budget": 1200}, {"budget": 600}]}))
     (run / "config.yaml").write_text("data:\n  dataset: digits\n")
     # wide_resnet22_8 with polynomials: CrypTen also runs its BN Mul/Add and the polynomial's Mul/Add nodes.
     model = tiny_masked_model(images, kept_fraction=0.5, arch="wide_resnet22_8", width=4, polynomial=True)
@@ -81,6 +81,8 @@ def test_pi_command_in_a_run_folder(tmp_path, capsys, digits):
     assert "trusted dealer" in printed and "Delphi or Cheetah" in printed
     rows = json.loads((out / "pi.json").read_text())
     assert json.loads((target / "pi.json").read_text()) == rows
+    summary = json.loads((run / "summary.json").read_text())  # the run's report carries them too
+    assert summary["targets"][0]["pi"] == rows and "pi" not in summary["targets"][1]
     assert {(r["role"], r["mode"]) for r in rows} == {(role, mode) for role in ("model", "baseline")
                                                       for mode in ("public", "secret")}
     for row in rows:

@@ -73,7 +73,7 @@ def pi_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits")
     p.add_argument("--data-dir", help="folder holding the dataset (cifar/tinyimagenet)")
     p.add_argument("--baseline", help="checkpoint to compare with (default: the model with every mask 1)")
-    p.add_argument("--modes", default="public,secret", help="public, secret or both (default public,secret)")
+    p.add_argument("--modes", default="public,secret", help="public, secret, or public,secret (the default)")
     p.add_argument("--out", default="fastmask_pi", help="folder for pi.json, pi.md and the ONNX files")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds the two-party run may take (default 3600)")
     return p

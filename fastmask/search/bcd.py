@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import SPEC_KEY, model_spec, save_model
-from ..config import BCDConfig
+from ..config import BCDConfig, FinetuneConfig
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
@@ -32,7 +32,7 @@ from .proposal import propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint
 STATE_FILE = Path("checkpoints") / "last.pt"
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
@@ -149,7 +149,8 @@ class BCD:
         """What must match for --resume to continue the same run."""
         c = self.config
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "rt": int(c.rt), "adt": float(c.adt),
-                "criterion": c.criterion, "seed": self.seed, "proposal": c.proposal, "pool": c.pool,
+                "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
+                "proposal": c.proposal, "pool": c.pool,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta}
 
     def _state(self) -> dict:
@@ -302,7 +303,7 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
     from .. import data, train
 
     if finetune_config is None:
-        finetune_config = train.finetune_config(model_spec(model)["arch"], 20)
+        finetune_config = train.finetune_config(model_spec(model)["arch"], FinetuneConfig().epochs_for(dataset.name))
     model.to(device)
     images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
 
@@ -310,13 +311,9 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
         step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step)
         rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress,
                            max_steps=finetune_max_steps)
-        last = rows[-1] if rows else {}
-        images = int(last.get("images", 0))
-        if last.get("val_acc") is None:
-            val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
-            return {"val_acc": val_acc, "val_loss": val_loss, "train_images": images}
-        return {"val_acc": float(last["val_acc"]), "val_loss": float(last.get("val_loss", float("nan"))),
-                "train_images": images}
+        last = rows[-1]  # train() validates after every epoch
+        return {"val_acc": float(last["val_acc"]), "val_loss": float(last["val_loss"]),
+                "train_images": int(last["images"])}
 
     def evaluate_target(m: nn.Module) -> dict:
         val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)

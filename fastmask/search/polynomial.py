@@ -105,10 +105,10 @@ def fit_polynomial(model: nn.Module, images: torch.Tensor, batch_size: int = 512
         raise FastmaskError("fit_polynomial needs at least one image")
     if batch_size < 1:
         raise FastmaskError(f"batch_size must be >= 1, got {batch_size}")
+    if MaskSet(model).carries_alphas():
+        raise FastmaskError("fit_polynomial: the model still carries SNL alphas; binarize them first")
     make_polynomial(model)
     mask_set = MaskSet(model)
-    if mask_set.carries_alphas():
-        raise FastmaskError("fit_polynomial: the model still carries SNL alphas; binarize them first")
     device = _model_device(model)
     moments = [_Moments(site.shape[0], device) for site in mask_set.sites]
 
