@@ -244,8 +244,7 @@ class Pipeline:
             return saved
         self.log(f"SNL: {relu_count(self.model)} -> {budget} ReLUs")
         saved = self.snl(self.model, budget)
-        checkpoint.save_model(self.model, path, extra=saved)
-        MaskSet(self.model).save(path.with_name("masks.safetensors"))
+        save_with_masks(self.model, path, saved)
         self.log(f"SNL: {budget} ReLUs after {saved['snl_epochs']} epochs; val {saved['val_acc']:.2f}%, "
                  f"test {saved['test_acc']:.2f}%")
         return saved
@@ -321,8 +320,7 @@ class Pipeline:
                    "alpha_images": alpha_images, "finetune_images": finetune_images,
                    "train_images": alpha_images + finetune_images, "forward_images": 0,
                    "per_site": MaskSet(model).per_site()}
-            checkpoint.save_model(model, path, extra=row)
-            MaskSet(model).save(path.with_name("masks.safetensors"))
+            save_with_masks(model, path, row)
             self.log(f"SNL at {budget}: val {row['val_acc']:.2f}%, test {row['test_acc']:.2f}% "
                      f"({history['snl_epochs']} alpha epochs, {finetune_images} finetune images)")
             rows.append(row)
@@ -342,6 +340,12 @@ class Pipeline:
                        finetune_config=finetune, finetune_max_steps=self.config.finetune.max_steps,
                        teacher=self.teacher, resume=self.resume, on_step=on_step, progress=self.progress,
                        log=self.log)
+
+
+def save_with_masks(model: nn.Module, path: Path, extra: dict) -> None:
+    """A stage's model (with its measurements) and, beside it, its masks alone (masks.safetensors + .json)."""
+    checkpoint.save_model(model, path, extra=extra)
+    MaskSet(model).save(path.with_name("masks.safetensors"))
 
 
 def bcd_totals(history: list[dict]) -> dict:
