@@ -8,6 +8,8 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      (BCD with its default proposal and scoring) through every target, and SNL straight to each target with the
      same compute (images trained on + images pushed forward; SNL's alpha phase counted);
   2. the paper's Algorithm 2 (uniform candidates, exact scoring) from run 1's SNL@B_ref model and teacher;
+  2b. "finetuned": run 1 again from its SNL@B_ref model, with a finetune whenever BCD lands on a target
+     (TARGET_FINETUNE_EPOCHS), and SNL with the same (larger) compute;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity.md, fidelity.json and
 fidelity.png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -46,7 +48,9 @@ SCALES = {
              "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3, "bcd.score_subset": 0, "finetune.epochs": 1},
 }
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
-ARMS = ("default", "paper", "polynomial")
+# The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
+TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
+ARMS = ("default", "paper", "finetuned", "polynomial")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,13 +108,19 @@ def main(argv=None) -> dict:
         root = out / args.scale / f"seed{seed}"
         first = run(root / "identity", {**base, "seed": seed, "method": "both"})
         runs[f"seed{seed}/identity"] = first
+        # run 1's SNL@B_ref model and its teacher: the start of the arms below
+        from_first = {"model.checkpoint": str(root / "identity" / "snl" / "model.safetensors"),
+                      "model.teacher": str(root / "identity" / "baseline" / "model.safetensors")}
         rows += bcd_rows(first, "default", seed) + snl_rows(first, "default", seed)
         if "paper" in arms:  # the paper's Algorithm 2 from the same SNL@B_ref model and teacher
-            paper = run(root / "paper", {**base, **PAPER_SEARCH, "seed": seed, "method": "bcd",
-                                         "model.checkpoint": str(root / "identity" / "snl" / "model.safetensors"),
-                                         "model.teacher": str(root / "identity" / "baseline" / "model.safetensors")})
+            paper = run(root / "paper", {**base, **PAPER_SEARCH, **from_first, "seed": seed, "method": "bcd"})
             runs[f"seed{seed}/paper"] = paper
             rows += bcd_rows(paper, "paper", seed)
+        if "finetuned" in arms:  # the default search, finetuned at each target, and SNL with the same compute
+            tuned = run(root / "finetuned", {**base, **from_first, "seed": seed, "method": "both",
+                                             "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
+            runs[f"seed{seed}/finetuned"] = tuned
+            rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
         if "polynomial" in arms:
             baseline = str(root / "identity" / "baseline" / "model.safetensors")
             poly = run(root / "polynomial", {**base, "seed": seed, "method": "both", "replacement": "polynomial",
@@ -163,8 +173,10 @@ def markdown(p: dict) -> str:
              f"B_ref {s['snl.ref_budget']}, DRC {s['bcd.drc']}, RT {s['bcd.rt']}, ADT {s['bcd.adt']} points on "
              f"{s['bcd.score_subset'] or 'all'} train images, {s.get('finetune.max_steps') or 'an epoch of'} finetune "
              "steps per BCD step. default = informed candidates + racing; paper = uniform candidates + exact "
-             "scoring (Algorithm 2) at the same DRC/RT/finetune. SNL goes from the same B_ref model straight to the "
-             "target, then finetunes with what is left of the default search's compute (train + forward images). "
+             "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
+             f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target. SNL goes from the "
+             "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
+             "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
              "",
              "| ReLUs | arm | method | test % mean | std | val % | train images | forward images | wall s | "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from typing import Callable, Iterator, Optional, Sequence
@@ -86,10 +87,23 @@ def log(message: str) -> None:
 
 
 def run(argv: Sequence[str]) -> dict:
+    """The pipeline, in this process alone or, under torchrun, as one of the group."""
+    import torch.distributed as dist
+
+    from . import distributed
     from .pipeline import Pipeline
 
     config, resume, progress = parse(argv)
-    return Pipeline.prepare(config, resume=resume, progress=progress, log=log).run()
+    if distributed.launched() and os.environ.get("RANK") != "0":
+        warnings.simplefilter("ignore")  # rank 0 says it once
+    try:
+        return Pipeline.prepare(config, resume=resume, progress=progress, log=log).run()
+    except dist.DistError as err:  # a peer died or stopped answering: torchrun names it and ends the others
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FastmaskError(f"lost contact with another process ({first}); the state on disk is the last completed "
+                            "step: rerun the same command with --resume") from err
+    finally:
+        distributed.close()
 
 
 def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[Sequence[str]],
@@ -102,7 +116,8 @@ def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[S
             body(list(sys.argv[1:] if argv is None else argv))
     except FastmaskError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{prog}: error{rank}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun with --resume to continue" if prog == PROG else f"{prog}: interrupted",

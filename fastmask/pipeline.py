@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, models, report, train
+from . import checkpoint, data, distributed, models, report, train
 from . import config as settings
 from .config import RunConfig
 from .errors import FastmaskError
@@ -58,15 +58,17 @@ class Pipeline:
 
     def __init__(self, config: RunConfig, dataset: data.Dataset, model: nn.Module, *, trains_baseline: bool,
                  teacher: Optional[nn.Module] = None, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, group: Optional[distributed.Group] = None):
         self.config = config
+        self.group = group
+        self.is_main = distributed.is_main(group)
         self.dataset = dataset
         self.model = model
         self.trains_baseline = trains_baseline
         self.teacher = teacher
         self.resume = resume
-        self.progress = progress
-        self.log = log
+        self.progress = progress and self.is_main
+        self.log = log if self.is_main else (lambda message: None)
         self.device = config.device
         self.out = Path(config.out)
 
@@ -76,6 +78,8 @@ class Pipeline:
                 log: Callable[[str], None] = print) -> "Pipeline":
         settings.validate(config)
         config.device = resolve_device(config.device)
+        group = distributed.from_environment(config.device)  # None unless started by torchrun
+        config.device = distributed.device_for(group, config.device)
         device = config.device
         if config.data.data_dir is not None and not Path(config.data.data_dir).is_dir():
             raise FastmaskError(f"data dir {config.data.data_dir} does not exist; point --data-dir at the dataset "
@@ -107,8 +111,10 @@ class Pipeline:
         ref_budget = config.snl.ref_budget
         config.bcd.validate(count if ref_budget is None else min(count, ref_budget))
         pipeline = cls(config, dataset, model, trains_baseline=config.model.checkpoint is None, teacher=teacher,
-                       resume=resume, progress=progress, log=log)
+                       resume=resume, progress=progress, log=log, group=group)
         pipeline._check_out_dir()
+        if group is not None:  # every process has read the out dir before rank 0 writes to it
+            group.barrier()
         return pipeline
 
     def _check_out_dir(self) -> None:
@@ -137,10 +143,14 @@ class Pipeline:
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
-        report.atomic_write_text(self.out / "config.yaml", settings.dump(self.config))
-        self.log(f"{self.dataset}; device {self.device}; out {self.out}")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            report.atomic_write_text(self.out / "config.yaml", settings.dump(self.config))
+        processes = "" if self.group is None else f"; {self.group.size} processes ({self.group.backend})"
+        self.log(f"{self.dataset}; device {self.device}{processes}; out {self.out}")
         summary = {"config": settings.to_dict(self.config), "machine": report.machine()}
+        if self.group is not None:
+            summary["processes"] = {"count": self.group.size, "backend": self.group.backend}
         baseline = self.baseline_stage()
         if baseline:
             summary["baseline"] = baseline
@@ -168,6 +178,12 @@ class Pipeline:
                 for t in summary["snl_targets"]}
         summary["snl_points"] = ([reference] if reference else []) + summary.get("snl_targets", [])
         summary["seconds"] = time.perf_counter() - started
+        if self.group is not None:  # the last word on what every process holds
+            digest = distributed.masks_digest(self.model)
+            self.group.check_same("final masks", digest)
+            summary["processes"]["masks_sha256"] = digest
+        if not self.is_main:
+            return summary
         written = report.write_report(self.out, summary, history)
         for name, key in (("BCD", "targets"), ("SNL", "snl_targets")):
             for target in summary.get(key, []):
@@ -212,9 +228,10 @@ class Pipeline:
             t0 = time.perf_counter()
             config = train.baseline_config(epochs)
             config.seed = self.config.seed
-            train.train(self.model, self.dataset, config, self.device, progress=self.progress)
+            train.train(self.model, self.dataset, config, self.device, progress=self.progress, group=self.group)
             saved = {**self.measure(self.model), "seconds": time.perf_counter() - t0, "epochs": epochs}
-            checkpoint.save_model(self.model, path, extra=saved)
+            if self.is_main:
+                checkpoint.save_model(self.model, path, extra=saved)
             self.log(f"baseline: val {saved['val_acc']:.2f}%, test {saved['test_acc']:.2f}% in "
                      f"{saved['seconds']:.0f}s")
         if self.teacher is None:
@@ -228,7 +245,7 @@ class Pipeline:
         s = self.config.snl
         history = snl.run_snl(model, self.dataset, budget, s, self.device, seed=self.config.seed,
                               finetune=self.finetune_config(s.finetune_epochs) if s.finetune_epochs > 0 else None,
-                              teacher=self.teacher, progress=self.progress)
+                              teacher=self.teacher, progress=self.progress, group=self.group)
         return {"budget": budget, **self.measure(model), "seconds": time.perf_counter() - t0,
                 "snl_epochs": history["snl_epochs"], "reached_budget": history["reached_budget"],
                 "val_acc_after_binarize": history["val_acc_after_binarize"]}
@@ -244,7 +261,7 @@ class Pipeline:
             return saved
         self.log(f"SNL: {relu_count(self.model)} -> {budget} ReLUs")
         saved = self.snl(self.model, budget)
-        save_with_masks(self.model, path, saved)
+        self.save_with_masks(self.model, path, saved)
         self.log(f"SNL: {budget} ReLUs after {saved['snl_epochs']} epochs; val {saved['val_acc']:.2f}%, "
                  f"test {saved['test_acc']:.2f}%")
         return saved
@@ -271,7 +288,7 @@ class Pipeline:
         config = self.finetune_config(epochs)
         config.seed = self.config.seed
         rows = train.train(model, self.dataset, config, self.device, teacher=self.teacher, progress=self.progress,
-                           max_steps=max_steps)
+                           max_steps=max_steps, group=self.group)
         return int(rows[-1]["images"]) if rows else 0
 
     def steps_for_images(self, images: int) -> int:
@@ -302,7 +319,7 @@ class Pipeline:
             t0 = time.perf_counter()
             history = snl.run_snl(model, self.dataset, budget, self.config.snl, self.device, seed=self.config.seed,
                                   max_epochs=self.config.snl.target_epochs, teacher=self.teacher,
-                                  progress=self.progress)
+                                  progress=self.progress, group=self.group)
             alpha_images = int(history["alpha_images"])
             bcd = next((t for t in bcd_targets or [] if t["budget"] == budget), None)
             if bcd is not None:
@@ -320,7 +337,7 @@ class Pipeline:
                    "alpha_images": alpha_images, "finetune_images": finetune_images,
                    "train_images": alpha_images + finetune_images, "forward_images": 0,
                    "per_site": MaskSet(model).per_site()}
-            save_with_masks(model, path, row)
+            self.save_with_masks(model, path, row)
             self.log(f"SNL at {budget}: val {row['val_acc']:.2f}%, test {row['test_acc']:.2f}% "
                      f"({history['snl_epochs']} alpha epochs, {finetune_images} finetune images)")
             rows.append(row)
@@ -330,22 +347,26 @@ class Pipeline:
         b = self.config.bcd
         finetune = self.finetune_config()
 
-        def on_step(record: dict, driver) -> None:  # the step table stays current while the run goes
+        def on_step(record: dict, driver) -> None:  # the step table stays current while the run goes (rank 0)
             report.write_steps_csv(self.out / "steps.csv", driver.history)
 
         self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
                  f"{', '.join(map(str, b.targets))}; DRC {b.drc}, RT {b.rt}, ADT {b.adt} ({b.criterion}), "
-                 f"{finetune.epochs} finetune epochs per step")
+                 f"{finetune.epochs} finetune epochs per step"
+                 + (f", {self.config.finetune.target_epochs} at each target" if self.config.finetune.target_epochs
+                    else ""))
         return run_bcd(self.model, self.dataset, b, self.device, self.out, seed=self.config.seed,
                        finetune_config=finetune, finetune_max_steps=self.config.finetune.max_steps,
+                       target_finetune_epochs=self.config.finetune.target_epochs,
                        teacher=self.teacher, resume=self.resume, on_step=on_step, progress=self.progress,
-                       log=self.log)
+                       log=self.log, group=self.group)
 
-
-def save_with_masks(model: nn.Module, path: Path, extra: dict) -> None:
-    """A stage's model (with its measurements) and, beside it, its masks alone (masks.safetensors + .json)."""
-    checkpoint.save_model(model, path, extra=extra)
-    MaskSet(model).save(path.with_name("masks.safetensors"))
+    def save_with_masks(self, model: nn.Module, path: Path, extra: dict) -> None:
+        """A stage's model (with its measurements) and, beside it, its masks alone (masks.safetensors + .json);
+        written by rank 0 alone under torchrun."""
+        if self.is_main:
+            checkpoint.save_model(model, path, extra=extra)
+            MaskSet(model).save(path.with_name("masks.safetensors"))
 
 
 def bcd_totals(history: list[dict]) -> dict:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, iterate_batches, steps_per_epoch
+from .distributed import Group, share
 from .errors import FastmaskError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -202,14 +203,19 @@ def _restore(model: nn.Module, extra: list[torch.Tensor], snapshot: tuple[dict, 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, teacher: Optional[nn.Module] = None,
           extra_params: Iterable[torch.Tensor] = (), loss_hook: Optional[Callable[[nn.Module], torch.Tensor]] = None,
           on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None, progress: bool = True,
-          max_steps: Optional[int] = None) -> list[dict]:
+          max_steps: Optional[int] = None, group: Optional[Group] = None) -> list[dict]:
     """Trains `model` in place on dataset's train split; returns one history row per epoch.
 
     Loss: CE, or (1 - kd_weight) * CE + kd_weight * KD when a teacher is given, plus loss_hook(model) when given.
     The LR follows a per-step cosine from config.lr to 0 over min(epochs * steps_per_epoch, max_steps) steps.
     on_epoch(epoch, row, model) runs after each epoch's validation; returning "stop" ends training.
     max_steps ends training after that many optimizer steps in total (a fractional-epoch finetune).
+    With a `group` (torchrun), every process draws the same global batches and trains on its share of each, and DDP
+    averages the gradients: the batch size and learning rate mean what they mean for one process. BatchNorm
+    normalizes with each process's share, and its running statistics are rank 0's after every epoch. Rows count
+    the images of the whole group.
     """
+    progress = progress and (group is None or group.is_main)
     if max_steps is not None and max_steps <= 0:
         raise FastmaskError(f"max_steps must be positive, got {max_steps}")
     if len(dataset.train_y) == 0:
@@ -218,6 +224,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
     _place(model, teacher, config, device)
     extra = list(extra_params)
     optimizer = _build_optimizer(model, extra, config)
+    net = _data_parallel(model, device, group)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
     total_steps = config.epochs * per_epoch if max_steps is None else min(config.epochs * per_epoch, max_steps)
     generator = torch.Generator().manual_seed(int(config.seed))
@@ -230,9 +237,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
             steps = min(per_epoch, total_steps - step)
             batches = iterate_batches(dataset.train_x, dataset.train_y, dataset, config.batch_size, device,
                                       shuffle=True, augment=config.augment, generator=generator)
-            train_loss, train_acc, seen = _train_epoch(model, teacher, extra, optimizer, batches, config, device,
-                                                       loss_hook, epoch, first_step=step, steps=steps,
-                                                       total_steps=total_steps, progress=progress)
+            train_loss, train_acc, seen = _train_epoch(model, net, teacher, extra, optimizer, batches, config,
+                                                       device, loss_hook, epoch, first_step=step, steps=steps,
+                                                       total_steps=total_steps, progress=progress, group=group)
+            if group is not None:  # BatchNorm statistics: each process updated them from its own share
+                group.broadcast_state_(model)
             step += steps
             images += seen
             val_acc, val_loss = evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
@@ -264,12 +273,40 @@ def _place(model: nn.Module, teacher: Optional[nn.Module], config: TrainConfig, 
         teacher.eval()
 
 
-def _train_epoch(model, teacher, extra, optimizer, batches, config: TrainConfig, device, loss_hook, epoch: int, *,
-                 first_step: int, steps: int, total_steps: int, progress: bool) -> tuple[float, float, int]:
-    """One epoch of `steps` optimizer steps; (mean train loss, train accuracy %, images trained on).
+def _data_parallel(model: nn.Module, device: torch.device, group: Optional[Group]) -> nn.Module:
+    """What the forward runs through: the model, or DDP around it (its gradients averaged over the group)."""
+    if group is None:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A polynomial site whose ReLUs are all present leaves its coefficients out of the graph.
+    unused = any(getattr(m, "coeffs", None) is not None for m in model.modules())
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
+def _my_share(images: torch.Tensor, labels: torch.Tensor, group: Optional[Group]
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(images, labels, loss weight) of this process's share of a global batch. The weight makes the DDP average of
+    the processes' mean losses the global batch's mean loss, also when the shares differ in size; a process whose
+    share is empty (a last batch smaller than the group) runs one image with weight 0, since DDP needs every
+    process in every backward."""
+    if group is None:
+        return images, labels, 1.0
+    part = share(len(labels), group)
+    if part.stop > part.start:
+        return images[part], labels[part], (part.stop - part.start) * group.size / len(labels)
+    return images[:1], labels[:1], 0.0
+
+
+def _train_epoch(model, net, teacher, extra, optimizer, batches, config: TrainConfig, device, loss_hook, epoch: int,
+                 *, first_step: int, steps: int, total_steps: int, progress: bool, group: Optional[Group] = None
+                 ) -> tuple[float, float, int]:
+    """One epoch of `steps` optimizer steps; (mean train loss, train accuracy %, images trained on by the group).
 
     The loss is checked for NaN/inf every CUDA_LOSS_CHECK_EVERY steps on CUDA (each check syncs), every step on the
-    CPU, and at the epoch's end; a bad loss restores the model to the epoch's start and raises TrainingDiverged."""
+    CPU, and at the epoch's end; a bad loss restores the model to the epoch's start and raises TrainingDiverged
+    (in every process of a group: the check is on the group's summed loss)."""
     on_cuda = device.type == "cuda"
     check_every = CUDA_LOSS_CHECK_EVERY if on_cuda else 1
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and config.amp else contextlib.nullcontext()
@@ -285,29 +322,37 @@ def _train_epoch(model, teacher, extra, optimizer, batches, config: TrainConfig,
             break
         step = first_step + done - 1
         lr = _lr_at(step, total_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        batch_images = len(labels)
+        images, labels, weight = _my_share(images, labels, group)
         images = _to_model_format(images, model)
         with autocast:
-            logits = model(images)
+            logits = net(images)
             loss = _loss(logits, labels, images, teacher, config)
         if loss_hook is not None:
             loss = loss + loss_hook(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if group is not None else loss).backward()
         optimizer.step()
-        loss_sum += loss.detach().double() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += len(labels)
+        mine = len(labels) if weight else 0
+        loss_sum += loss.detach().double() * mine
+        correct += (logits.detach().argmax(1) == labels).sum() * bool(mine)
+        seen += batch_images
         if (step + 1) % check_every == 0 or done == steps:
-            running = float(loss_sum) / seen
+            running = float(_group_sum(loss_sum, group)) / seen
             if not math.isfinite(running):
                 _restore(model, extra, last_good)
                 raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step + 1} (loss {running}); the "
                                        "model was restored to the start of the epoch: lower the learning rate")
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
     bar.close()
-    return float(loss_sum) / max(seen, 1), 100.0 * int(correct) / max(seen, 1), seen
+    return (float(_group_sum(loss_sum, group)) / max(seen, 1), 100.0 * int(_group_sum(correct, group)) / max(seen, 1),
+            seen)
+
+
+def _group_sum(total: torch.Tensor, group: Optional[Group]) -> torch.Tensor:
+    return total if group is None else group.all_reduce_sum_(total.clone())
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher: Optional[nn.Module],

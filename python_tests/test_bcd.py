@@ -104,6 +104,36 @@ def test_count_lands_exactly_on_every_target_and_each_is_saved(tmp_path, data):
         assert (folder / "masks.safetensors.json").is_file()
 
 
+def test_target_finetune_runs_once_per_target_and_is_counted(tmp_path, data):
+    images, labels = data
+    calls, step_finetune = [], sgd_finetune(images, labels)
+
+    def finetune(model, step):
+        return {**step_finetune(model, step), "train_images": 64}
+
+    def target_finetune(model, step):
+        calls.append((step, MaskSet(model).count()))
+        return {**step_finetune(model, step), "val_acc": 61.0, "train_images": 1000}
+
+    model = tiny_model()
+    driver = BCD(model, BCDConfig(targets=[700, 455], drc=100, rt=3), images, labels, finetune, tmp_path,
+                 target_finetune=target_finetune, evaluate_target=lambda m: {"val_acc": 61.0},
+                 log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    # 960 -> 700 in steps 1-3, 700 -> 455 in steps 4-6: one extra finetune when each target is reached
+    assert calls == [(3, 700), (6, 455)]
+    assert [r["target_finetune_images"] for r in result.history] == [0, 0, 1000, 0, 0, 1000]
+    # the step's finetune (64) + the informed proposal's cost pass over the 64 scoring images + the target's
+    assert [r["train_images"] for r in result.history] == [128, 128, 1128, 128, 128, 1128]
+    assert [t["train_images"] for t in result.targets] == [1384, 2 * 1384]
+    assert result.history[2]["val_acc"] == 61.0  # the step reports the model as it was measured
+    # a run with the target finetune is another run: its state does not resume without it
+    with pytest.raises(FastmaskError, match="another run"):
+        BCD(tiny_model(), BCDConfig(targets=[700, 455], drc=100, rt=3), images, labels, finetune, tmp_path,
+            log=lambda message: None).run(resume=True)
+
+
 def test_validate_rejects_bad_configs():
     for config, start in [(BCDConfig(targets=[900, 950]), 960), (BCDConfig(targets=[960]), 960),
                           (BCDConfig(targets=[500], drc=0), 960), (BCDConfig(targets=[500], rt=-1), 960),

@@ -100,7 +100,8 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",
           "targets": "8k,5000", "drc": "17", "rt": "19", "adt": "0.7", "criterion": "loss", "score-subset": "333",
           "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "adam", "finetune-lr": "0.0002",
-          "finetune-max-steps": "9", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
+          "finetune-max-steps": "9",
+          "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "pool": "2.5", "temperature": "0.25", "scoring": "exact", "race-eta": "3",
           "method": "both", "replacement": "polynomial"}
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import SPEC_KEY, model_spec, save_model
 from ..config import BCDConfig, FinetuneConfig
+from ..distributed import Group, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
@@ -32,7 +33,8 @@ from .proposal import propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
-STATE_VERSION = 2  # 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint
+# 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint; 3: the target finetune
+STATE_VERSION = 3
 STATE_FILE = Path("checkpoints") / "last.pt"
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
@@ -114,15 +116,21 @@ class BCD:
     """The driver. Training and evaluation come in as callables, so the loop itself knows nothing of datasets:
 
     finetune(model, step) -> dict with at least "val_acc" (post-finetune validation accuracy, percent);
+    target_finetune(model, step) -> the same, run once more when a step lands on a target (None: no such finetune);
     evaluate_target(model) -> dict of metrics saved with a target (val/test accuracy and loss);
     on_step(record, driver), called after a step's state is written (progress, reports; raising stops the run).
+
+    With a `group` (torchrun), every process runs the loop: the cost estimates are summed over the processes' shares
+    of the scoring subset, rank 0's candidates and choice are broadcast, scoring is shared out, and after every step
+    the masks' digests must agree. Rank 0 alone writes the state and the targets and calls on_step.
     """
 
     def __init__(self, model: nn.Module, config: BCDConfig, images: torch.Tensor, labels: torch.Tensor,
                  finetune: Callable[[nn.Module, int], dict], out_dir: str | Path, *, seed: int = 0,
                  evaluate_target: Optional[Callable[[nn.Module], dict]] = None,
+                 target_finetune: Optional[Callable[[nn.Module, int], dict]] = None,
                  on_step: Optional[Callable[[dict, "BCD"], None]] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, group: Optional[Group] = None):
         self.model = model
         self.config = config
         self.images = images
@@ -130,6 +138,9 @@ class BCD:
         self.finetune = finetune
         self.out_dir = Path(out_dir)
         self.evaluate_target = evaluate_target or (lambda m: {})
+        self.target_finetune = target_finetune
+        self.group = group
+        self.is_main = group is None or group.is_main
         self.on_step = on_step
         self.log = log
         self.mask_set = MaskSet(model)
@@ -151,7 +162,8 @@ class BCD:
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
                 "proposal": c.proposal, "pool": c.pool,
-                "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta}
+                "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
+                "target_finetune": self.target_finetune is not None}
 
     def _state(self) -> dict:
         return {"version": STATE_VERSION, "config": self.fingerprint(), "history": self.history,
@@ -179,7 +191,7 @@ class BCD:
             count = self.mask_set.count()
             if count <= int(self.config.targets[-1]):
                 self.done = True
-                save_state(self.state_path, self.model, self.generator, self._state())
+                self._save_state()
                 break
             self._one_step(count)
         return BCDResult(self.history, self.targets_done, self.warned, time.perf_counter() - started)
@@ -211,20 +223,22 @@ class BCD:
         standard_error = self._warn_once_if_noisy(reference)
         candidates, estimate_images = self._candidates(remove)
         choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
+        if self.group is not None:  # rank 0 decides; everyone applies its choice
+            choice, fallback, acc, loss = self.group.broadcast((choice, fallback, acc, loss))
         drop = reference[0] - acc if config.criterion == "accuracy" else loss - reference[1]
         self.mask_set.remove(candidates[choice])
         t1 = time.perf_counter()
 
-        try:
-            tuned = self.finetune(self.model, step) or {}
-        except FastmaskError as err:  # train.TrainingDiverged (NaN/inf loss): go back to the last saved state
-            self.model.load_state_dict(last_good)
-            raise FastmaskError(f"BCD step {step}: finetune failed ({err}); the model is back at its state after "
-                                f"step {step - 1} (saved in {self.state_path}); lower the finetune lr and --resume"
-                                ) from err
-        t2 = time.perf_counter()
-
+        tuned = self._finetune(self.finetune, step, last_good)
+        step_images, target_images = int(tuned.get("train_images", 0)), 0
         budget = self.mask_set.count()
+        if budget == target and self.target_finetune is not None:  # the target is measured after this one
+            tuned = self._finetune(self.target_finetune, step, last_good)
+            target_images = int(tuned.get("train_images", 0))
+        t2 = time.perf_counter()
+        if self.group is not None:
+            self.group.check_same(f"masks after BCD step {step}", masks_digest(self.model))
+
         record = {
             "step": step, "target": int(target), "budget_before": count, "budget_after": budget, "removed": remove,
             "ref_acc": reference[0], "ref_loss": reference[1], "ref_se_points": standard_error,
@@ -234,19 +248,33 @@ class BCD:
             # compute: images pushed forward by the search (reference + candidates), images trained on (the
             # finetune, plus the informed proposal's forward + backward pass)
             "forward_images": n + forward_images,
-            "train_images": int(tuned.get("train_images", 0)) + estimate_images,
+            "train_images": step_images + target_images + estimate_images,
+            "target_finetune_images": target_images,
             "seconds_scoring": t1 - t0, "seconds_finetune": t2 - t1, "seconds": t2 - t0,
         }
         self.history.append(record)
         if budget == target:
             self._save_target(target)
-        save_state(self.state_path, self.model, self.generator, self._state())
+        self._save_state()
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
                  f"(+-{standard_error:.2f}); {'fallback' if fallback else 'accepted'} drop {drop:+.3f} after "
                  f"{scored}/{len(candidates)} tries; val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
-        if self.on_step is not None:
+        if self.on_step is not None and self.is_main:
             self.on_step(record, self)
+
+    def _save_state(self) -> None:
+        if self.is_main:
+            save_state(self.state_path, self.model, self.generator, self._state())
+
+    def _finetune(self, finetune: Callable[[nn.Module, int], dict], step: int, last_good: dict) -> dict:
+        try:
+            return finetune(self.model, step) or {}
+        except FastmaskError as err:  # train.TrainingDiverged (NaN/inf loss): go back to the last saved state
+            self.model.load_state_dict(last_good)
+            raise FastmaskError(f"BCD step {step}: finetune failed ({err}); the model is back at its state after "
+                                f"step {step - 1} (saved in {self.state_path}); lower the finetune lr and --resume"
+                                ) from err
 
     def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int]:
         """(RT candidates, images the proposal trained through). All are drawn before scoring, so early stopping
@@ -255,9 +283,14 @@ class BCD:
         if config.proposal == "uniform":
             return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
         # Estimated after every finetune (each step starts after one), on the scoring subset.
-        costs = removal_costs(self.model, self.images, self.labels, batch_size=config.score_batch_size)
+        part = share(int(self.labels.shape[0]), self.group)
+        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size)
+        if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
+            costs = self.group.all_reduce_sum_(costs)
         candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
                              temperature=config.temperature)
+        if self.group is not None:
+            candidates = self.group.broadcast(candidates)
         return candidates, int(self.labels.shape[0])
 
     def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]
@@ -267,11 +300,12 @@ class BCD:
         if config.scoring == "race":
             result = race(self.model, candidates, self.images, self.labels, criterion=config.criterion,
                           reference=reference, adt=config.adt, eta=config.race_eta,
-                          batch_size=config.score_batch_size, shuffle_seed=self.seed)
+                          batch_size=config.score_batch_size, shuffle_seed=self.seed, group=self.group)
             acc, loss = result.best_scores
             return result.best, result.accepted is None, acc, loss, len(candidates), result.forward_images
         scores = score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
-                                  adt=config.adt, criterion=config.criterion, batch_size=config.score_batch_size)
+                                  adt=config.adt, criterion=config.criterion, batch_size=config.score_batch_size,
+                                  group=self.group)
         choice, fallback = choose(scores, reference, config.criterion)
         return (choice, fallback, float(scores.accuracy[choice]), float(scores.loss[choice]), int(scores.scored),
                 int(scores.scored) * n)
@@ -286,18 +320,20 @@ class BCD:
         metrics = dict(self.evaluate_target(self.model))
         entry = {"budget": int(target), "step": self.step, **metrics, **self.compute(),
                  "per_site": self.mask_set.per_site()}
+        self.targets_done.append(entry)
+        if not self.is_main:
+            return
         save_model(self.model, directory / "model.safetensors", extra={"relu_count": int(target), **metrics})
         self.mask_set.save(directory / "masks.safetensors")
-        self.targets_done.append(entry)
         self.log(f"BCD: target {target} reached at step {self.step}: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
 # ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
 def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, seed: int = 0,
-            finetune_config=None, finetune_max_steps: Optional[int] = None, teacher: Optional[nn.Module] = None,
-            resume: bool = False, on_step=None, progress: bool = True, log: Callable[[str], None] = print
-            ) -> BCDResult:
+            finetune_config=None, finetune_max_steps: Optional[int] = None, target_finetune_epochs: int = 0,
+            teacher: Optional[nn.Module] = None, resume: bool = False, on_step=None, progress: bool = True,
+            log: Callable[[str], None] = print, group: Optional[Group] = None) -> BCDResult:
     """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
     step, so a resumed run repeats the same shuffles), evaluates each target on val and test."""
     from .. import data, train
@@ -307,13 +343,17 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
     model.to(device)
     images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
 
-    def finetune(m: nn.Module, step: int) -> dict:
-        step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step)
-        rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress,
-                           max_steps=finetune_max_steps)
+    def finetune(m: nn.Module, step: int, epochs: Optional[int] = None, max_steps=finetune_max_steps) -> dict:
+        step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step,
+                                          epochs=finetune_config.epochs if epochs is None else epochs)
+        rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress, max_steps=max_steps,
+                           group=group)
         last = rows[-1]  # train() validates after every epoch
         return {"val_acc": float(last["val_acc"]), "val_loss": float(last["val_loss"]),
                 "train_images": int(last["images"])}
+
+    def target_finetune(m: nn.Module, step: int) -> dict:  # whole epochs, another shuffle than the step's
+        return finetune(m, step + 500_000, epochs=target_finetune_epochs, max_steps=None)
 
     def evaluate_target(m: nn.Module) -> dict:
         val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
@@ -321,5 +361,6 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
     driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
-                 on_step=on_step, log=log)
+                 target_finetune=target_finetune if target_finetune_epochs > 0 else None, on_step=on_step, log=log,
+                 group=group)
     return driver.run(resume=resume)

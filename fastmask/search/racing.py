@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..distributed import Group
 from ..errors import FastmaskError
 from .scoring import CRITERIA, score_hypotheses
 
@@ -62,7 +63,8 @@ def _final_key(criterion: str, accuracy: float, loss: float, index: int) -> tupl
 def race(model: nn.Module, candidates: Sequence[torch.Tensor], images: torch.Tensor, labels: torch.Tensor, *,
          criterion: str = "accuracy", reference: Optional[tuple[float, float]] = None, adt: Optional[float] = None,
          first_slice: Optional[int] = None, eta: int = 2, batch_size: int = 512, shuffle_seed: Optional[int] = 0,
-         fused: Optional[bool] = None, memory_budget_mb: Optional[float] = None) -> RaceResult:
+         fused: Optional[bool] = None, memory_budget_mb: Optional[float] = None, chunk_size: Optional[int] = None,
+         group: Optional[Group] = None) -> RaceResult:
     """Successive halving of `candidates` (flat MaskSet indices to remove) on the scoring subset.
 
     Round r scores the survivors on the first n_r images of the subset (n_0 = first_slice, default
@@ -72,6 +74,8 @@ def race(model: nn.Module, candidates: Sequence[torch.Tensor], images: torch.Ten
     (shuffle_seed; None keeps the given order), so a subset stored in class order still gives unbiased slices.
     With `reference` (the current model's whole-subset (accuracy, loss), from score_current) and `adt`, `accepted` is
     the best survivor when its drop < adt. Deterministic; the model's masks and train/eval flags are left unchanged.
+    With a `group` (torchrun), every round's scoring is shared out (score_hypotheses) and every process returns the
+    same result; `chunk_size` caps the candidates per stacked pass.
     """
     if criterion not in CRITERIA:
         raise FastmaskError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -89,7 +93,8 @@ def race(model: nn.Module, candidates: Sequence[torch.Tensor], images: torch.Ten
     n = default_first_slice(len(candidates), total, eta) if first_slice is None else int(first_slice)
     if n < 1:
         raise FastmaskError(f"first_slice must be >= 1, got {first_slice}")
-    score_options = dict(batch_size=batch_size, fused=fused, memory_budget_mb=memory_budget_mb)
+    score_options = dict(batch_size=batch_size, fused=fused, memory_budget_mb=memory_budget_mb,
+                         chunk_size=chunk_size, group=group)
     order_of_images = None
     if shuffle_seed is not None and n < total:
         generator = torch.Generator().manual_seed(int(shuffle_seed))

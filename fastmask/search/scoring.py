@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import Group
 from ..errors import FastmaskError
 from ..masks import MaskSet
 from ..ops import backends
@@ -192,7 +193,7 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
                      labels: torch.Tensor, *, reference: Optional[tuple[float, float]] = None,
                      adt: Optional[float] = None, criterion: str = "accuracy", batch_size: int = 512,
                      memory_budget_mb: Optional[float] = None, fused: Optional[bool] = None,
-                     chunk_size: Optional[int] = None) -> HypothesisScores:
+                     chunk_size: Optional[int] = None, group: Optional[Group] = None) -> HypothesisScores:
     """Scores K candidates (each: flat MaskSet indices to remove from the current masks) on fixed images.
 
     With `reference` (accuracy, loss of the current masks) and `adt`, chunks are scored in order and scoring
@@ -202,6 +203,10 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
     CPU, candidates per chunk and then images per batch are also cut so one stacked pass fits the last-level cache);
     `fused` runs blocks through fastmask.ops.conv_bn_act (None: on CUDA when available); `chunk_size` caps the
     candidates per chunk below what the budget allows.
+    With a `group` (torchrun), chunk i is scored by process i % size, a wave of `size` chunks at a time, and the
+    results are gathered, so every process returns the same scores. Chunks are cut as one process cuts them (capped
+    so that every process gets one when there are enough candidates): with the same `chunk_size`, each candidate's
+    numbers are bit for bit one process's, and so is the accepted index.
     The model's masks and train/eval flags are as they were on return.
     """
     if criterion not in CRITERIA:
@@ -238,23 +243,32 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
         if chunk_size < 1:
             raise FastmaskError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = min(chunk, chunk_size)
+    processes = 1 if group is None else group.size
+    chunk = min(chunk, math.ceil(k / processes))
     prefix_cache = _PrefixCache(stages, shared_from, images, labels, batch_n, device, budget - chunk_budget)
 
+    starts = list(range(0, k, chunk))
     with _ScoringMode(model), torch.inference_mode():
-        for start in range(0, k, chunk):
-            part = list(candidates[start:start + chunk])
-            correct, loss_sum = _score_chunk(mask_set, stages, part, prefix_cache, shared_from)
-            end = start + len(part)
-            scores.correct[start:end] = correct
-            scores.accuracy[start:end] = 100.0 * correct.double() / images.shape[0]
-            scores.loss[start:end] = loss_sum / images.shape[0]
-            scores.scored = end
-            if reference is not None:
-                drop = scores.drop(reference, criterion)[start:end]
-                passing = (drop < adt).nonzero()
-                if passing.numel():
-                    scores.accepted = start + int(passing[0, 0])
-                    break
+        for wave in range(0, len(starts), processes):
+            mine = wave + (0 if group is None else group.rank)
+            local = None
+            if mine < len(starts):
+                local = _score_chunk(mask_set, stages, list(candidates[starts[mine]:starts[mine] + chunk]),
+                                     prefix_cache, shared_from)
+            results = [local] if group is None else group.all_gather(local)
+            for start, result in zip(starts[wave:wave + processes], results):
+                correct, loss_sum = result
+                end = start + len(correct)
+                scores.correct[start:end] = correct
+                scores.accuracy[start:end] = 100.0 * correct.double() / images.shape[0]
+                scores.loss[start:end] = loss_sum / images.shape[0]
+                scores.scored = end
+                if reference is not None:
+                    drop = scores.drop(reference, criterion)[start:end]
+                    passing = (drop < adt).nonzero()
+                    if passing.numel():  # later chunks of this wave are dropped: one process never scored them
+                        scores.accepted = start + int(passing[0, 0])
+                        return scores
     return scores
 
 

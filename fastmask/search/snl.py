@@ -28,6 +28,7 @@ import torch.nn as nn
 from .. import train as training
 from ..config import SNLConfig
 from ..data import Dataset
+from ..distributed import Group
 from ..errors import FastmaskError
 from ..masks import MaskSet
 
@@ -53,7 +54,8 @@ def binarize(masks: MaskSet, budget: int) -> None:
 def run_snl(model: nn.Module, dataset: Dataset, budget: int, config: SNLConfig, device, *, seed: int = 0,
             max_epochs: Optional[int] = None, finetune: Optional[training.TrainConfig] = None,
             finetune_max_steps: Optional[int] = None, teacher: Optional[nn.Module] = None, progress: bool = True,
-            on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None) -> dict:
+            on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None,
+            group: Optional[Group] = None) -> dict:
     """Runs SNL on `model` in place down to exactly `budget` ReLUs, then finetunes it with `finetune` (none when
     None; at most finetune_max_steps steps); returns the history. max_epochs overrides config.epochs.
 
@@ -97,7 +99,7 @@ def run_snl(model: nn.Module, dataset: Dataset, budget: int, config: SNLConfig, 
             return state["lambda"] * sum(alpha.abs().sum() for alpha in alphas)
 
         training.train(model, dataset, search_config, device, teacher=teacher, extra_params=alphas,
-                       loss_hook=l1_penalty, on_epoch=after_snl_epoch, progress=progress)
+                       loss_hook=l1_penalty, on_epoch=after_snl_epoch, progress=progress, group=group)
         count_at_stop = soft_count(masks, config.threshold)
         binarize(masks, budget)
     if any(site.coeffs is not None for site in masks.sites):
@@ -115,7 +117,7 @@ def run_snl(model: nn.Module, dataset: Dataset, budget: int, config: SNLConfig, 
 
         finetune_history = training.train(model, dataset, dataclasses.replace(finetune, seed=seed), device,
                                           teacher=teacher, on_epoch=after_finetune_epoch, progress=progress,
-                                          max_steps=finetune_max_steps)
+                                          max_steps=finetune_max_steps, group=group)
     final_val = training.evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
     return {
         "budget": budget,
