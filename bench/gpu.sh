@@ -2,7 +2,7 @@
 # One command on a GPU machine (torch and triton installed, no internet needed): build fastmask with its CUDA kernels,
 # run the GPU tests, then the benches, then the whole suite, in that order of value, inside an optional time budget.
 #
-# Usage: bash bench/gpu.sh [STEP ...]     steps: build tests_cuda masked_act scoring conv_bn_act tests_all
+# Usage: bash bench/gpu.sh [STEP ...]     steps: build tests_cuda masked_act scoring conv_bn_act distributed tests_all
 #        (default: all of them, in that order; `build` runs first whenever fastmask._C is not built here)
 # Env:   GPU_BUDGET_S   seconds the whole script may use (default 540).
 #                       A step starts only if its share fits what is left, and is cut off (SIGINT, so pytest still
@@ -28,10 +28,12 @@ FAILED=()
 SKIPPED=()
 
 # Seconds each step needs at least to be worth starting: first-call Triton compiles and autotuning included (the
-# conv bench autotunes 18 problems and torch.compiles 18 more; scoring tunes each layer at two chunk sizes).
-declare -A NEEDS=([build]=60 [tests_cuda]=150 [masked_act]=40 [scoring]=240 [conv_bn_act]=400 [tests_all]=150)
+# conv bench autotunes 18 problems and torch.compiles 18 more; scoring tunes each layer at two chunk sizes;
+# distributed starts one process per GPU and skips with fewer than 2).
+declare -A NEEDS=([build]=60 [tests_cuda]=150 [masked_act]=40 [scoring]=240 [conv_bn_act]=400 [distributed]=90
+                  [tests_all]=150)
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(build tests_cuda masked_act scoring conv_bn_act tests_all)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(build tests_cuda masked_act scoring conv_bn_act distributed tests_all)
 for s in "${STEPS[@]}"; do
   [[ -n ${NEEDS[$s]:-} ]] || { echo "unknown step '$s'; steps: ${!NEEDS[*]}"; exit 2; }
 done

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from typing import Callable, Iterator, Optional, Sequence
@@ -94,8 +95,11 @@ def run(argv: Sequence[str]) -> dict:
     from .pipeline import Pipeline
 
     config, resume, progress = parse(argv)
-    if distributed.launched() and os.environ.get("RANK") != "0":
-        warnings.simplefilter("ignore")  # rank 0 says it once
+    if distributed.launched():
+        if os.environ.get("RANK") != "0":
+            warnings.simplefilter("ignore")  # rank 0 says it once
+        # torchrun stops the other processes with SIGTERM when one dies: say where the run stands, as for Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return Pipeline.prepare(config, resume=resume, progress=progress, log=log).run()
     except dist.DistError as err:  # a peer died or stopped answering: torchrun names it and ends the others
@@ -104,6 +108,10 @@ def run(argv: Sequence[str]) -> dict:
                             "step: rerun the same command with --resume") from err
     finally:
         distributed.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[Sequence[str]],

@@ -147,25 +147,30 @@ def share(count: int, group: Optional[Group]) -> slice:
 
 
 # ---- a group of local processes without torchrun (tests, benches, notebooks) --------------------------------------
-def run_local(fn: Callable[..., Any], size: int, *args: Any, threads: int = 1) -> list[Any]:
-    """fn(group, *args) in `size` new processes on this machine, joined in a gloo group over a file rendezvous, each
-    with `threads` torch threads; returns their results in rank order (results go through torch.save, so tensors,
-    numbers, strings and containers of them). `fn` must be importable (a module-level function)."""
+def run_local(fn: Callable[..., Any], size: int, *args: Any, threads: int = 1, backend: str = "gloo") -> list[Any]:
+    """fn(group, *args) in `size` new processes on this machine, joined over a file rendezvous (gloo on the CPU;
+    nccl: process r on GPU r), each with `threads` torch threads; returns their results in rank order (results go
+    through torch.save: tensors, numbers, strings and containers of them). `fn` must be a module-level function."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_local_process, args=(size, folder, fn, args, threads), nprocs=size, join=True)
+        mp.spawn(_local_process, args=(size, folder, fn, args, threads, backend), nprocs=size, join=True)
         return [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True) for rank in range(size)]
 
 
-def _local_process(rank: int, size: int, folder: str, fn: Callable[..., Any], args: tuple, threads: int) -> None:
+def _local_process(rank: int, size: int, folder: str, fn: Callable[..., Any], args: tuple, threads: int,
+                   backend: str) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{Path(folder) / 'rendezvous'}", rank=rank,
-                            world_size=size, timeout=TIMEOUT)
+    device_id = None
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device_id = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"file://{Path(folder) / 'rendezvous'}", rank=rank,
+                            world_size=size, timeout=TIMEOUT, device_id=device_id)
     try:
-        result = fn(Group(rank=rank, size=size, backend="gloo", local_rank=rank), *args)
+        result = fn(Group(rank=rank, size=size, backend=backend, local_rank=rank), *args)
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
