@@ -8,7 +8,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -105,13 +105,17 @@ def plot_accepted_drops(path: str | Path, history: Sequence[Mapping], adt: float
     _save(figure, path)
 
 
-def attach_pi(run_dir: str | Path, budget: int, rows: Sequence[Mapping]) -> Path:
-    """Puts a target's private-inference measurements (fastmask-pi's rows) into the run's summary.json."""
+def attach_pi(run_dir: str | Path, section: str, budget: Optional[int], rows: Sequence[Mapping]) -> Path:
+    """Puts a model's private-inference measurements (fastmask-pi's rows) into the run's summary.json, under its
+    entry: summary[section] (e.g. "snl"), or the entry of `budget` in the list summary[section] ("targets",
+    "snl_targets")."""
     path = Path(run_dir) / "summary.json"
     summary = json.loads(path.read_text())
-    for target in summary.get("targets", []):
-        if int(target["budget"]) == int(budget):
-            target["pi"] = list(rows)
+    entry = summary.get(section)
+    entries = entry if isinstance(entry, list) else [entry] if isinstance(entry, dict) else []
+    for item in entries:
+        if budget is None or int(item["budget"]) == int(budget):
+            item["pi"] = list(rows)
     write_json(path, summary)
     return path
 

@@ -223,3 +223,25 @@ def test_python_dash_m_entry_point_exists():
     import fastmask.__main__ as entry
 
     assert entry.main is cli.main
+
+
+def test_pi_finds_every_model_folder_of_a_run_and_files_its_rows_there(tmp_path):
+    from fastmask.pi.commands import run_model
+    from fastmask.report import attach_pi
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"targets": [{"budget": 1200}, {"budget": 600}],
+                                                  "snl_targets": [{"budget": 1200}], "snl": {"budget": 3000}}))
+    rows = [{"role": "model", "bytes": 7}]
+    for folder, section, budget in (("targets/600", "targets", 600), ("snl_targets/1200", "snl_targets", 1200),
+                                    ("snl", "snl", None)):
+        found = run_model(run / folder / "model.safetensors")
+        assert (found.run_dir, found.section, found.budget) == (run.resolve(), section, budget)
+        attach_pi(found.run_dir, found.section, found.budget, rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["targets"][1]["pi"] == rows and "pi" not in summary["targets"][0]
+    assert summary["snl_targets"][0]["pi"] == rows and summary["snl"]["pi"] == rows
+    for elsewhere in ("baseline/model.safetensors", "model.safetensors", "targets/abc/model.safetensors"):
+        assert run_model(run / elsewhere) is None
+    assert run_model(tmp_path / "loose" / "targets" / "5" / "model.safetensors") is None  # no summary.json there

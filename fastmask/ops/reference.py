@@ -95,8 +95,11 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     return y.to(x.dtype)
 
 
-def fold_batchnorm(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as y = x * scale + shift (fp32)."""
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    shift = bn.bias.detach().float() - bn.running_mean.float() * scale
-    return scale, shift
+def fold_batchnorm(bn: torch.nn.BatchNorm2d, dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x * scale + shift, computed in `dtype` (an affine-free BN has weight 1, bias 0)."""
+    var, mean = bn.running_var.detach().to(dtype), bn.running_mean.detach().to(dtype)
+    weight = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -79,18 +80,33 @@ def pi_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_target_folder(model_path: str | Path) -> Optional[Path]:
-    """targets/<budget>/ when the checkpoint is a target of a fastmask run (an out dir holding summary.json)."""
-    target = Path(model_path).resolve().parent
-    if target.parent.name == "targets" and (target.parent.parent / RUN_SUMMARY).is_file():
-        return target
+@dataclass
+class RunModel:
+    """Where a checkpoint sits in a fastmask run: the run's out dir, the model's folder, and the summary.json entry
+    that describes it (section "targets" or "snl_targets" with a budget, or "snl")."""
+
+    run_dir: Path
+    folder: Path
+    section: str
+    budget: Optional[int] = None
+
+
+def run_model(model_path: str | Path) -> Optional[RunModel]:
+    """The run a checkpoint belongs to, when it is a run's targets/<budget>/, snl_targets/<budget>/ or snl/ model
+    (in an out dir holding summary.json); else None."""
+    folder = Path(model_path).resolve().parent
+    if folder.parent.name in ("targets", "snl_targets") and folder.name.isdigit():
+        if (folder.parent.parent / RUN_SUMMARY).is_file():
+            return RunModel(folder.parent.parent, folder, folder.parent.name, int(folder.name))
+    if folder.name == "snl" and (folder.parent / RUN_SUMMARY).is_file():
+        return RunModel(folder.parent, folder, "snl")
     return None
 
 
-def _resolve_dataset(args, target: Optional[Path]) -> tuple[str, Optional[str]]:
+def _resolve_dataset(args, target: Optional[RunModel]) -> tuple[str, Optional[str]]:
     from ..config import load_saved
 
-    run = load_saved(target.parent.parent / RUN_CONFIG) if target is not None else None
+    run = load_saved(target.run_dir / RUN_CONFIG) if target is not None else None
     dataset = args.dataset or (run.data.dataset if run else None) or "digits"
     data_dir = args.data_dir or (run.data.data_dir if run else None)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
@@ -112,7 +128,7 @@ def pi(argv: list[str]) -> None:
     from .crypten_compat import import_crypten
 
     import_crypten()  # before any work: a missing CrypTen is one line, not a traceback after the export
-    target = run_target_folder(args.model)
+    target = run_model(args.model)
     dataset_name, data_dir = _resolve_dataset(args, target)
     spec, _ = read_spec(args.model)
     dataset = data.load_dataset(dataset_name, data_dir)
@@ -135,7 +151,7 @@ def pi(argv: list[str]) -> None:
         print(f"[fastmask-pi] the {dataset.name} test split has {count} images; running all of them")
     images = data.normalize(dataset.test_x[:count], dataset, "cpu")
     labels = dataset.test_y[:count]
-    model_label = str(Path(*Path(args.model).resolve().parts[-3:])) if target else str(args.model)
+    model_label = str(Path(args.model).resolve().relative_to(target.run_dir)) if target else str(args.model)
     print(f"[fastmask-pi] {dataset.name}: {count} test images, modes {', '.join(modes)}; two CrypTen parties on "
           "localhost, one image at a time")
     started = time.perf_counter()
@@ -144,8 +160,8 @@ def pi(argv: list[str]) -> None:
                    out / "onnx", modes=modes, timeout=args.timeout)
     written = write_results(rows, out)
     if target is not None:
-        written += write_results(rows, target)
-        written.append(report.attach_pi(target.parent.parent, int(target.name), rows))
+        written += write_results(rows, target.folder)
+        written.append(report.attach_pi(target.run_dir, target.section, target.budget, rows))
     print(table(rows), end="")
     print(f"[fastmask-pi] done in {time.perf_counter() - started:.0f}s; wrote {', '.join(map(str, written))}")
 

@@ -7,15 +7,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..ops.reference import fold_batchnorm
+
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with bn(x) == scale[c] * x + shift[c] in eval mode, in float64 so folding adds no error."""
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    weight = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    bias = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    scale = weight / torch.sqrt(var + bn.eps)
-    return scale, bias - mean * scale
+    return fold_batchnorm(bn, torch.float64)
 
 
 def conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
