@@ -25,6 +25,7 @@ from fastmask import data, distributed, train
 from fastmask.errors import FastmaskError
 from fastmask.masks import MaskSet
 from fastmask.search.bcd import STATE_FILE, load_state
+from fastmask.search.polynomial import make_polynomial
 from fastmask.search.racing import race
 from fastmask.search.scoring import score_current, score_hypotheses
 
@@ -124,10 +125,15 @@ def linear_training_worker(group, use_group: bool) -> dict:
             "train_loss": rows[-1]["train_loss"], "val_acc": rows[-1]["val_acc"]}
 
 
-def resnet_training_worker(group) -> dict:
+def resnet_training_worker(group, polynomial: bool) -> dict:
     dataset = digits()
     torch.manual_seed(0)
     model = fm.models.create("resnet18", 10, dataset.image_size, width=2, in_channels=1)
+    if polynomial:  # half the ReLUs removed; the sites with none removed leave their coefficients unused
+        make_polynomial(model)
+        masks = MaskSet(model)
+        masks.remove(masks.sample(masks.total() // 2, torch.Generator().manual_seed(0)))
+        masks.sites[0].mask.fill_(1)
     config = train.TrainConfig(epochs=1, optimizer="sgd", lr=0.05, seed=1)
     rows = train.train(model, dataset, config, "cpu", progress=False, group=group, max_steps=4)
     digest = [v.detach().clone() for v in model.state_dict().values()]
@@ -145,8 +151,9 @@ def test_data_parallel_training_keeps_the_batch_and_learning_rate():
     assert torch.equal(together[0]["weight"], together[1]["weight"])
 
 
-def test_data_parallel_resnet_ends_identical_on_every_process():
-    first, second = distributed.run_local(resnet_training_worker, 2)
+@pytest.mark.parametrize("polynomial", [False, True])
+def test_data_parallel_resnet_ends_identical_on_every_process(polynomial):
+    first, second = distributed.run_local(resnet_training_worker, 2, polynomial)
     assert first["images"] == second["images"] == 4 * 128
     assert all(torch.equal(a, b) for a, b in zip(first["state"], second["state"]))
 
