@@ -10,6 +10,7 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
   2. the paper's Algorithm 2 (uniform candidates, exact scoring) from run 1's SNL@B_ref model and teacher;
   2b. "finetuned": run 1 again from its SNL@B_ref model, with a finetune whenever BCD lands on a target
      (TARGET_FINETUNE_EPOCHS), and SNL with the same (larger) compute;
+  2c. "lean": as 2b with a cheaper search (lean_search: twice the DRC, half the candidates);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity.md, fidelity.json and
 fidelity.png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -50,10 +51,16 @@ SCALES = {
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
-ARMS = ("default", "paper", "finetuned", "polynomial")
+ARMS = ("default", "paper", "finetuned", "lean", "polynomial")
 # A training image costs about this many forwards (forward + backward = 3; the teacher's forward makes it 4): only for
 # the table's train-equivalent column, never for the equal-compute rule, which counts image passes.
 TRAIN_PASS_IN_FORWARDS = 3.0
+
+
+def lean_search(scale: dict) -> dict:
+    """The "lean" arm's search: twice the DRC (half the steps) and half the candidates of the scale's, so the search
+    spends about what SNL's alpha phase does and the training left is about equal on both sides."""
+    return {"bcd.drc": 2 * scale["bcd.drc"], "bcd.rt": max(2, scale["bcd.rt"] // 2)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,6 +131,12 @@ def main(argv=None) -> dict:
                                              "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
             runs[f"seed{seed}/finetuned"] = tuned
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
+        if "lean" in arms:  # a cheaper search (half the steps, half the candidates), finetuned at each target
+            lean = run(root / "lean", {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
+                                       "method": "both",
+                                       "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
+            runs[f"seed{seed}/lean"] = lean
+            rows += bcd_rows(lean, "lean", seed) + snl_rows(lean, "lean", seed)
         if "polynomial" in arms:
             baseline = str(root / "identity" / "baseline" / "model.safetensors")
             poly = run(root / "polynomial", {**base, "seed": seed, "method": "both", "replacement": "polynomial",
@@ -177,7 +190,8 @@ def markdown(p: dict) -> str:
              f"{s['bcd.score_subset'] or 'all'} train images, {s.get('finetune.max_steps') or 'an epoch of'} finetune "
              "steps per BCD step. default = informed candidates + racing; paper = uniform candidates + exact "
              "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
-             f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target. SNL goes from the "
+             f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target; lean = "
+             "finetuned with twice the DRC and half the RT. SNL goes from the "
              "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
