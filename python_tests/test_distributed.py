@@ -159,15 +159,14 @@ def test_data_parallel_resnet_ends_identical_on_every_process(polynomial):
 
 
 # ---- torchrun, as a user runs it ------------------------------------------------------------------------------
-# The offline default (the demo preset on digits) with shorter baseline and SNL phases, and smaller BCD steps so that
-# a kill lands mid-search.
-QUICK = ["--baseline-epochs", "4", "--snl-epochs", "5", "--snl-finetune-epochs", "1", "--drc", "100", "--quiet"]
+# The offline default, as `python -m fastmask` runs it with no settings (the demo preset on digits).
+DEFAULT = ["--quiet"]
 
 
 def torchrun(processes: int, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node N -m fastmask ...` (N = 1: plain `python -m fastmask`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = [sys.executable, "-m", "fastmask", "--out", str(out), *QUICK, *extra]
+    command = [sys.executable, "-m", "fastmask", "--out", str(out), *DEFAULT, *extra]
     if processes > 1:
         command[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
