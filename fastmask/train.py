@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, iterate_batches, steps_per_epoch
-from .distributed import Group, share
+from .distributed import Group, is_main, share
 from .errors import FastmaskError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -215,7 +215,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
     normalizes with each process's share, and its running statistics are rank 0's after every epoch. Rows count
     the images of the whole group.
     """
-    progress = progress and (group is None or group.is_main)
+    progress = progress and is_main(group)
     if max_steps is not None and max_steps <= 0:
         raise FastmaskError(f"max_steps must be positive, got {max_steps}")
     if len(dataset.train_y) == 0:

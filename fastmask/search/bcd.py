@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import SPEC_KEY, model_spec, save_model
 from ..config import BCDConfig, FinetuneConfig
-from ..distributed import Group, masks_digest, share
+from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
@@ -140,7 +140,7 @@ class BCD:
         self.evaluate_target = evaluate_target or (lambda m: {})
         self.target_finetune = target_finetune
         self.group = group
-        self.is_main = group is None or group.is_main
+        self.is_main = is_main(group)
         self.on_step = on_step
         self.log = log
         self.mask_set = MaskSet(model)
