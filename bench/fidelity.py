@@ -11,7 +11,9 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
   2b. "finetuned": run 1 again from its SNL@B_ref model, with a finetune whenever BCD lands on a target
      (TARGET_FINETUNE_EPOCHS), and SNL with the same (larger) compute;
   2c. "lean": as 2b with a cheaper search (lean_search: twice the DRC, half the candidates); "lean-lr": the same
-     with every finetune of both methods at LEAN_FINETUNE_LR;
+     with every finetune of both methods at LEAN_FINETUNE_LR; "lean-adam": with every finetune on SNL's alpha-phase
+     optimizer (LEAN_ADAM); "settled": lean-lr from an SNL@B_ref model finetuned longer (SNL to B_ref redone from
+     run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity.md, fidelity.json and
 fidelity.png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -52,10 +54,15 @@ SCALES = {
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
-ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "polynomial")
+ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
+# The "lean-adam" arm: lean with every finetune (both methods) on the optimizer and lr of SNL's alpha phase.
+LEAN_ADAM = {"finetune.optimizer": "adam", "finetune.lr": 1e-3}
+# The "settled" arm: lean-lr from an SNL@B_ref model whose own finetune ran this many epochs (at lean-lr's lr) instead
+# of the scale's few, so both methods start from a model that has recovered from SNL's binarization.
+SETTLED_SNL_FINETUNE_EPOCHS = {"smoke": 1, "small": 12, "full": 20}
 # A training image costs about this many forwards (forward + backward = 3; the teacher's forward makes it 4): only for
 # the table's train-equivalent column, never for the equal-compute rule, which counts image passes.
 TRAIN_PASS_IN_FORWARDS = 3.0
@@ -65,6 +72,15 @@ def lean_search(scale: dict) -> dict:
     """The "lean" arm's search: twice the DRC (half the steps) and half the candidates of the scale's, so the search
     spends about what SNL's alpha phase does and the training left is about equal on both sides."""
     return {"bcd.drc": 2 * scale["bcd.drc"], "bcd.rt": max(2, scale["bcd.rt"] // 2)}
+
+
+def lean_arms(scale: str, root: Path) -> dict[str, dict]:
+    """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher)."""
+    baseline = str(root / "identity" / "baseline" / "model.safetensors")
+    return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
+            # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
+            "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
+                        "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,10 +151,10 @@ def main(argv=None) -> dict:
                                              "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
             runs[f"seed{seed}/finetuned"] = tuned
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
-        for arm, lr in (("lean", None), ("lean-lr", LEAN_FINETUNE_LR)):
+        for arm, variant in lean_arms(args.scale, root).items():
             if arm in arms:  # a cheaper search (half the steps, half the candidates), finetuned at each target
                 lean = run(root / arm, {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
-                                        "method": "both", "finetune.lr": lr,
+                                        "method": "both", **variant,
                                         "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
                 runs[f"seed{seed}/{arm}"] = lean
                 rows += bcd_rows(lean, arm, seed) + snl_rows(lean, arm, seed)
@@ -197,7 +213,10 @@ def markdown(p: dict) -> str:
              "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
              f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target; lean = "
              "finetuned with twice the DRC and half the RT; lean-lr = lean with every finetune (both methods) at "
-             f"SGD lr {LEAN_FINETUNE_LR:g}. SNL goes from the "
+             f"SGD lr {LEAN_FINETUNE_LR:g}; lean-adam = lean with every finetune (both methods) on Adam at lr "
+             f"{LEAN_ADAM['finetune.lr']:g} (SNL's alpha phase); settled = lean-lr from an SNL@B_ref model finetuned "
+             f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
+             "methods start from. SNL goes from the "
              "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
