@@ -15,8 +15,8 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      optimizer (LEAN_ADAM); "settled": lean-lr from an SNL@B_ref model finetuned longer (SNL to B_ref redone from
      run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
-Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity.md, fidelity.json and
-fidelity.png into --out; each run's own folder (report, models, steps) stays beside them.
+Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
+.png into --out; each run's own folder (report, models, steps) stays beside them.
 """
 from __future__ import annotations
 
