@@ -13,7 +13,7 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
   2c. "lean": as 2b with a cheaper search (lean_search: twice the DRC, half the candidates); "lean-lr": the same
      with every finetune of both methods at LEAN_FINETUNE_LR; "lean-adam": with every finetune on SNL's alpha-phase
      optimizer (LEAN_ADAM); "settled": lean-lr from an SNL@B_ref model finetuned longer (SNL to B_ref redone from
-     run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS);
+     run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS); "settled-adam": lean-adam from the settled arm's start;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -54,7 +54,7 @@ SCALES = {
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
-ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "polynomial")
+ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -80,7 +80,9 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
-                        "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]}}
+                        "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
+            # lean-adam from the settled arm's SNL@B_ref model (run the settled arm first)
+            "settled-adam": {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,7 +218,7 @@ def markdown(p: dict) -> str:
              f"SGD lr {LEAN_FINETUNE_LR:g}; lean-adam = lean with every finetune (both methods) on Adam at lr "
              f"{LEAN_ADAM['finetune.lr']:g} (SNL's alpha phase); settled = lean-lr from an SNL@B_ref model finetuned "
              f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
-             "methods start from. SNL goes from the "
+             "methods start from; settled-adam = lean-adam from settled's start. SNL goes from the "
              "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
