@@ -81,7 +81,7 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
                         "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
-            # lean-adam from the settled arm's SNL@B_ref model (run the settled arm first)
+            # lean-adam from the settled arm's SNL@B_ref model (main runs settled first, and whenever it is asked for)
             "settled-adam": {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}}
 
 
@@ -133,6 +133,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
+    if "settled-adam" in arms and "settled" not in arms:
+        arms.append("settled")  # settled-adam starts from the settled arm's SNL@B_ref model
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale]}
     rows, runs = [], {}
