@@ -14,6 +14,7 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      with every finetune of both methods at LEAN_FINETUNE_LR; "lean-adam": with every finetune on SNL's alpha-phase
      optimizer (LEAN_ADAM); "settled": lean-lr from an SNL@B_ref model finetuned longer (SNL to B_ref redone from
      run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS); "settled-adam": lean-adam from the settled arm's start;
+     "gradual": settled-adam with smaller steps, fewer forwards and more training between them (gradual_search);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -54,7 +55,8 @@ SCALES = {
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
-ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "polynomial")
+ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
+        "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -74,15 +76,27 @@ def lean_search(scale: dict) -> dict:
     return {"bcd.drc": 2 * scale["bcd.drc"], "bcd.rt": max(2, scale["bcd.rt"] // 2)}
 
 
+def gradual_search(scale: dict) -> dict:
+    """The "gradual" arm's search: the scale's DRC (twice lean's steps), two candidates scored on half the subset,
+    and twice the finetune steps between removals, so compute moves from scoring to training while ReLUs go, as in
+    SNL's alpha phase, which trains the weights throughout its removal."""
+    search = {"bcd.drc": scale["bcd.drc"], "bcd.rt": 2, "bcd.score_subset": scale["bcd.score_subset"] // 2}
+    if scale.get("finetune.max_steps"):
+        search["finetune.max_steps"] = 2 * scale["finetune.max_steps"]
+    return search
+
+
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
     """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher)."""
     baseline = str(root / "identity" / "baseline" / "model.safetensors")
+    settled = str(root / "settled" / "snl" / "model.safetensors")
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
                         "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
             # lean-adam from the settled arm's SNL@B_ref model (main runs settled first, and whenever it is asked for)
-            "settled-adam": {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}}
+            "settled-adam": {**LEAN_ADAM, "model.checkpoint": settled},
+            "gradual": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale])}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,8 +147,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
-    if "settled-adam" in arms and "settled" not in arms:
-        arms.append("settled")  # settled-adam starts from the settled arm's SNL@B_ref model
+    if {"settled-adam", "gradual"} & set(arms) and "settled" not in arms:
+        arms.append("settled")  # these start from the settled arm's SNL@B_ref model
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale]}
     rows, runs = [], {}
@@ -220,7 +234,9 @@ def markdown(p: dict) -> str:
              f"SGD lr {LEAN_FINETUNE_LR:g}; lean-adam = lean with every finetune (both methods) on Adam at lr "
              f"{LEAN_ADAM['finetune.lr']:g} (SNL's alpha phase); settled = lean-lr from an SNL@B_ref model finetuned "
              f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
-             "methods start from; settled-adam = lean-adam from settled's start. SNL goes from the "
+             "methods start from; settled-adam = lean-adam from settled's start; gradual = settled-adam with the "
+             "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step. SNL goes "
+             "from the "
              "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
