@@ -1,0 +1,62 @@
+"""bench/mask_transfer.py: both methods' masks go on the same starting weights and get the same finetune, so two equal
+masks give equal rows, and every budget both methods reached is measured."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fastmask import cli
+
+from test_cli import TINY
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "mask_transfer.py"
+
+
+def mask_transfer():
+    spec = importlib.util.spec_from_file_location("mask_transfer", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("both") / "run"
+    assert cli.main(TINY + ["--out", str(out), "--method", "both", "--snl-target-epochs", "1"]) == 0
+    return out
+
+
+def test_rows_for_every_budget_both_methods_reached(both_run, tmp_path):
+    payload = mask_transfer().main([str(both_run), "--epochs", "1", "--out", str(tmp_path)])
+    assert [(r["budget"], r["mask"]) for r in payload["rows"]] == [(2600, "BCD"), (2600, "SNL"), (2200, "BCD"),
+                                                                  (2200, "SNL")]
+    assert payload["start"] == str(both_run / "snl" / "model.safetensors")
+    for row in payload["rows"]:
+        assert sum(site["kept"] for site in row["per_site"]) == row["budget"]
+        assert row["train_images"] > 0
+    assert json.loads((tmp_path / "mask_transfer.json").read_text())["rows"][0]["mask"] == "BCD"
+    assert "| 2200 | SNL |" in (tmp_path / "mask_transfer.md").read_text()
+
+
+def test_equal_masks_give_equal_rows(both_run, tmp_path):
+    """SNL's folder given BCD's mask: whatever differs between the rows could only come from the training."""
+    run = tmp_path / "run"
+    shutil.copytree(both_run, run)
+    shutil.copy(run / "targets" / "2200" / "masks.safetensors", run / "snl_targets" / "2200" / "masks.safetensors")
+    rows = mask_transfer().main([str(run), "--budgets", "2200", "--epochs", "1"])["rows"]
+    assert rows[0]["mask"] == "BCD" and rows[1]["mask"] == "SNL"
+    assert rows[0]["val_acc"] == rows[1]["val_acc"] and rows[0]["test_acc"] == rows[1]["test_acc"]
+
+
+def test_a_run_without_both_methods_is_refused(both_run, tmp_path):
+    from fastmask.errors import FastmaskError
+
+    run = tmp_path / "run"
+    shutil.copytree(both_run, run)
+    shutil.rmtree(run / "snl_targets")
+    with pytest.raises(FastmaskError, match="no budget with both"):
+        mask_transfer().main([str(run)])
