@@ -15,6 +15,7 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      optimizer (LEAN_ADAM); "settled": lean-lr from an SNL@B_ref model finetuned longer (SNL to B_ref redone from
      run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS); "settled-adam": lean-adam from the settled arm's start;
      "gradual": settled-adam with smaller steps, fewer forwards and more training between them (gradual_search);
+     "gradual-absolute": gradual with informed candidates ranked by the absolute estimate (bcd.estimate);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -56,7 +57,7 @@ PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
-        "polynomial")
+        "gradual-absolute", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -96,7 +97,10 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
                         "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
             # lean-adam from the settled arm's SNL@B_ref model (main runs settled first, and whenever it is asked for)
             "settled-adam": {**LEAN_ADAM, "model.checkpoint": settled},
-            "gradual": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale])}}
+            "gradual": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale])},
+            # gradual with the absolute estimate: its cheapest ReLUs lie where SNL's removals do (per site)
+            "gradual-absolute": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale]),
+                                 "bcd.estimate": "absolute"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +151,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
-    if {"settled-adam", "gradual"} & set(arms) and "settled" not in arms:
+    if {"settled-adam", "gradual", "gradual-absolute"} & set(arms) and "settled" not in arms:
         arms.append("settled")  # these start from the settled arm's SNL@B_ref model
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale]}
@@ -235,7 +239,8 @@ def markdown(p: dict) -> str:
              f"{LEAN_ADAM['finetune.lr']:g} (SNL's alpha phase); settled = lean-lr from an SNL@B_ref model finetuned "
              f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
              "methods start from; settled-adam = lean-adam from settled's start; gradual = settled-adam with the "
-             "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step. SNL goes "
+             "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step; "
+             "gradual-absolute = gradual with the absolute removal estimate. SNL goes "
              "from the "
              "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "

@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adam")
 METHODS = ("bcd", "snl", "both")
 REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
+ESTIMATES = ("signed", "absolute")
 SCORINGS = ("exact", "race")
 
 
@@ -140,6 +141,11 @@ class BCDConfig:
     proposal: str = setting("informed", "how candidates are drawn: uniform (the paper's), or informed: from the "
                                         "ReLUs whose first-order removal cost |dL/dy * (r(x) - relu(x))| is smallest",
                             choices=PROPOSALS)
+    # signed: |sum_n e_n| of the per-image first-order effects e_n; absolute: sum_n |e_n|. A ReLU whose per-image
+    # effects are large but of both signs looks free to the signed estimate and is not.
+    estimate: str = setting("signed", "informed: a ReLU's removal cost is |sum over images| of its first-order effect "
+                                      "(signed) or the sum of the effect's per-image sizes (absolute)",
+                            choices=ESTIMATES)
     pool: float = setting(4.0, "informed: candidates are drawn from the pool*DRC cheapest ReLUs", kind=number,
                           check=lambda v: None if v >= 1 else "must be >= 1")
     # 0.5 makes the cheapest pool member e^2 (about 7x) likelier to be drawn first than the dearest one: candidates

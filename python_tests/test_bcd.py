@@ -5,6 +5,7 @@ SGD steps that also draw from torch's global RNG, so a resume that forgot to res
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -234,6 +235,46 @@ def test_race_and_informed_candidates_drive_the_step(tmp_path, data, monkeypatch
     assert record["forward_images"] == 64 + 123  # the reference pass + the race
     assert record["train_images"] == 500 + 64  # the finetune + the cost pass (forward and backward)
     assert result.targets[0]["forward_images"] == 187 and result.targets[0]["train_images"] == 564
+
+
+@pytest.mark.parametrize("estimate", ["signed", "absolute"])
+def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch, estimate):
+    seen = []
+    real_costs = bcd.removal_costs
+
+    def spy_costs(*args, **kw):
+        costs = real_costs(*args, **kw)
+        seen.append((kw.get("absolute"), costs, real_costs(*args, **{**kw, "absolute": True})))
+        return costs
+
+    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    images, labels = data
+    driver = BCD(tiny_model(), BCDConfig(targets=[900], drc=60, rt=2, adt=0.3, estimate=estimate), images, labels,
+                 lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        driver.run()
+    absolute, costs, absolute_costs = seen[0]
+    assert absolute is (estimate == "absolute")
+    assert torch.equal(costs, absolute_costs) is (estimate == "absolute")
+
+
+def test_a_state_from_before_the_estimate_setting_resumes_as_signed(tmp_path, data):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run_driver(tmp_path, data, targets=(860,))
+    path = tmp_path / bcd.STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    state = json.loads(metadata["bcd_state"])
+    del state["config"]["estimate"]
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
+    _, result = run_driver(tmp_path, data, targets=(860,), resume=True)
+    assert [t["budget"] for t in result.targets] == [860]
+    images, labels = data
+    with pytest.raises(FastmaskError, match="another run"):
+        BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate="absolute"), images, labels,
+            sgd_finetune(images, labels), tmp_path, log=lambda m: None).run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

@@ -161,7 +161,7 @@ class BCD:
         c = self.config
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
-                "proposal": c.proposal, "pool": c.pool,
+                "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None}
 
@@ -171,7 +171,8 @@ class BCD:
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator)
-        if state["config"] != self.fingerprint():
+        saved = {"estimate": "signed", **state["config"]}  # states from before the setting used the signed estimate
+        if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
         self.history, self.targets_done = state["history"], state["targets"]
@@ -284,7 +285,8 @@ class BCD:
             return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
         # Estimated after every finetune (each step starts after one), on the scoring subset.
         part = share(int(self.labels.shape[0]), self.group)
-        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size)
+        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size,
+                              absolute=config.estimate == "absolute")
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
         candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
