@@ -7,7 +7,10 @@ snl_targets/<budget>/. For each budget, both masks are put on the SAME weights, 
 (SNL@B_ref), and each is finetuned with the same recipe, teacher, seed and images (the run's finetune settings,
 `finetune.target_epochs` epochs unless --epochs says otherwise). What is left between the two rows is the masks'
 doing; what the run's own rows show beyond it is the training's. Test accuracy is reported, never used to choose.
-Writes mask_transfer.md and .json into RUN_DIR (or --out).
+
+Beside them, per site: the ReLUs each mask keeps, and where each informed estimate (bcd.estimate: signed, absolute)
+would keep the same number, had it removed the cheapest ReLUs of the starting model in one go (on the run's scoring
+subset). Writes mask_transfer.md and .json into RUN_DIR (or --out).
 """
 from __future__ import annotations
 
@@ -17,14 +20,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastmask import checkpoint, data, report, train  # noqa: E402
-from fastmask.config import read_yaml, resolve  # noqa: E402
+from fastmask.config import ESTIMATES, read_yaml, resolve  # noqa: E402
 from fastmask.errors import FastmaskError  # noqa: E402
 from fastmask.masks import MaskSet  # noqa: E402
 from fastmask.pipeline import _val_size, resolve_device  # noqa: E402
+from fastmask.search.proposal import removal_costs  # noqa: E402
 
 MASK_SOURCES = {"BCD": "targets", "SNL": "snl_targets"}
 
@@ -67,6 +73,22 @@ def starting_models(run: Path, config) -> tuple[Path, Optional[Path]]:
     return start, None
 
 
+def estimate_layouts(start: Path, dataset, config, budgets: list[int], device) -> dict:
+    """{estimate: {budget: [ReLUs kept per site]}}: the starting model's `budget` ReLUs of largest estimated cost."""
+    model = checkpoint.load_model(start, device=device)
+    masks = MaskSet(model)
+    images, labels = data.scoring_subset(dataset, config.bcd.score_subset, device, seed=config.seed)
+    layouts = {}
+    for estimate in ESTIMATES:
+        costs = removal_costs(model, images, labels, batch_size=config.bcd.score_batch_size,
+                              absolute=estimate == "absolute").abs()
+        present = torch.isfinite(costs).nonzero().squeeze(1)
+        ranked = present[torch.argsort(costs[present], descending=True, stable=True)]
+        layouts[estimate] = {budget: torch.bincount(masks.site_of(ranked[:budget]), minlength=len(masks.sites)).tolist()
+                             for budget in budgets}
+    return layouts
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = Path(args.run)
@@ -82,6 +104,7 @@ def main(argv=None) -> dict:
     epochs = config.finetune.target_epochs if args.epochs is None else args.epochs
     if epochs <= 0:
         raise FastmaskError("the run has no target finetune; give --epochs")
+    layouts = estimate_layouts(start, dataset, config, budgets, device)
     rows = []
     for budget in budgets:
         for method, sub in MASK_SOURCES.items():
@@ -100,8 +123,8 @@ def main(argv=None) -> dict:
                          "val_acc": val[0], "test_acc": test[0], "per_site": masks.per_site()})
             print(f"{budget} ReLUs, {method}'s mask: val {val[0]:.2f}%, test {test[0]:.2f}%", flush=True)
     out = Path(args.out) if args.out else run
-    payload = {"run": str(run), "start": str(start), "epochs": epochs, "optimizer":
-               recipe.optimizer, "lr": recipe.lr, "rows": rows, "machine": report.machine(),
+    payload = {"run": str(run), "start": str(start), "epochs": epochs, "optimizer": recipe.optimizer,
+               "lr": recipe.lr, "rows": rows, "estimate_layouts": layouts, "machine": report.machine(),
                "test_standard_error_points_max": 100 * math.sqrt(0.25 / len(dataset.test_y))}
     report.write_json(out / "mask_transfer.json", payload)
     text = markdown(payload)
@@ -119,6 +142,18 @@ def markdown(p: dict) -> str:
     for r in p["rows"]:
         lines.append(f"| {r['budget']} | {r['mask']} | {r['val_acc']:.2f} | {r['test_acc']:.2f} | "
                      f"{r['train_images']:,} |")
+    for budget in sorted({r["budget"] for r in p["rows"]}, reverse=True):
+        sites = {r["mask"]: r["per_site"] for r in p["rows"] if r["budget"] == budget}
+        estimates = {e: p["estimate_layouts"][e][budget] for e in p["estimate_layouts"]}
+        lines += ["", f"ReLUs kept per site at {budget}: each mask, and the {budget} costliest by each estimate "
+                  "(on the starting model)", "",
+                  "| site | ReLUs in the site | " + " | ".join(f"{m}'s mask" for m in sites) + " | " +
+                  " | ".join(f"{e} estimate" for e in estimates) + " |",
+                  "| --- | ---: |" + " ---: |" * (len(sites) + len(estimates))]
+        for i, site in enumerate(next(iter(sites.values()))):
+            lines.append(f"| {site['site']} | {site['total']:,} | " +
+                         " | ".join(str(s[i]["kept"]) for s in sites.values()) + " | " +
+                         " | ".join(str(kept[i]) for kept in estimates.values()) + " |")
     return "\n".join(lines) + "\n"
 
 

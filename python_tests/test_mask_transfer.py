@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_cli import TINY
 
 from fastmask import cli
-
-from test_cli import TINY
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "mask_transfer.py"
 
@@ -39,7 +38,11 @@ def test_rows_for_every_budget_both_methods_reached(both_run, tmp_path):
         assert sum(site["kept"] for site in row["per_site"]) == row["budget"]
         assert row["train_images"] > 0
     assert json.loads((tmp_path / "mask_transfer.json").read_text())["rows"][0]["mask"] == "BCD"
-    assert "| 2200 | SNL |" in (tmp_path / "mask_transfer.md").read_text()
+    text = (tmp_path / "mask_transfer.md").read_text()
+    assert "| 2200 | SNL |" in text and "ReLUs kept per site at 2200" in text
+    for estimate, layouts in payload["estimate_layouts"].items():
+        assert [sum(layouts[b]) for b in (2600, 2200)] == [2600, 2200], estimate
+    assert payload["estimate_layouts"]["signed"] != payload["estimate_layouts"]["absolute"]
 
 
 def test_equal_masks_give_equal_rows(both_run, tmp_path):
