@@ -54,6 +54,8 @@ SCALES = {
              "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3, "bcd.score_subset": 0, "finetune.epochs": 1},
 }
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
+# Every arm but gradual-absolute ranks informed candidates by the signed estimate, the default when they ran.
+SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
@@ -154,7 +156,7 @@ def main(argv=None) -> dict:
     if {"settled-adam", "gradual", "gradual-absolute"} & set(arms) and "settled" not in arms:
         arms.append("settled")  # these start from the settled arm's SNL@B_ref model
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
-            **SCALES[args.scale]}
+            **SCALES[args.scale], **SIGNED}
     rows, runs = [], {}
     for seed in seeds:
         root = out / args.scale / f"seed{seed}"
@@ -231,7 +233,8 @@ def markdown(p: dict) -> str:
              f"{','.join(map(str, p['seeds']))}; {machine})", "",
              f"B_ref {s['snl.ref_budget']}, DRC {s['bcd.drc']}, RT {s['bcd.rt']}, ADT {s['bcd.adt']} points on "
              f"{s['bcd.score_subset'] or 'all'} train images, {s.get('finetune.max_steps') or 'an epoch of'} finetune "
-             "steps per BCD step. default = informed candidates + racing; paper = uniform candidates + exact "
+             "steps per BCD step. Every arm but gradual-absolute ranks informed candidates by the signed estimate. "
+             "default = informed candidates + racing; paper = uniform candidates + exact "
              "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
              f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target; lean = "
              "finetuned with twice the DRC and half the RT; lean-lr = lean with every finetune (both methods) at "

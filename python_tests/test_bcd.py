@@ -262,19 +262,23 @@ def test_a_state_from_before_the_estimate_setting_resumes_as_signed(tmp_path, da
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    run_driver(tmp_path, data, targets=(860,))
+    images, labels = data
+
+    def driver(estimate: str) -> BCD:
+        return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate), images, labels,
+                   sgd_finetune(images, labels), tmp_path, log=lambda m: None)
+
+    with pytest.warns(RuntimeWarning):
+        driver("signed").run()
     path = tmp_path / bcd.STATE_FILE
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
     del state["config"]["estimate"]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
-    _, result = run_driver(tmp_path, data, targets=(860,), resume=True)
-    assert [t["budget"] for t in result.targets] == [860]
-    images, labels = data
+    assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
     with pytest.raises(FastmaskError, match="another run"):
-        BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate="absolute"), images, labels,
-            sgd_finetune(images, labels), tmp_path, log=lambda m: None).run(resume=True)
+        driver("absolute").run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

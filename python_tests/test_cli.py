@@ -102,7 +102,7 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "adam", "finetune-lr": "0.0002",
           "finetune-max-steps": "9",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
-          "proposal": "uniform", "estimate": "absolute", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
+          "proposal": "uniform", "estimate": "signed", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
           "method": "both", "replacement": "polynomial"}
 
