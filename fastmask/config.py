@@ -141,9 +141,9 @@ class BCDConfig:
     proposal: str = setting("informed", "how candidates are drawn: uniform (the paper's), or informed: from the "
                                         "ReLUs whose first-order removal cost |dL/dy * (r(x) - relu(x))| is smallest",
                             choices=PROPOSALS)
-    # absolute: sum_n |e_n| of the per-image first-order effects e_n; signed: |sum_n e_n|. A ReLU whose per-image
-    # effects are large but of both signs looks free to the signed estimate and is not (bench/FIDELITY.md: absolute
-    # puts its cheapest ReLUs where SNL removes them, and BCD's models came out more accurate).
+    # absolute: sum_n |e_n| of the per-image first-order effects e_n; signed: |sum_n e_n|, where effects of opposite
+    # sign cancel (bench/FIDELITY.md: absolute puts its cheapest ReLUs closer to where SNL removes them, and BCD's
+    # models came out more accurate).
     estimate: str = setting("absolute", "informed: a ReLU's removal cost is the sum of the per-image sizes of its "
                                         "first-order effect (absolute) or |their sum| (signed)", choices=ESTIMATES)
     pool: float = setting(4.0, "informed: candidates are drawn from the pool*DRC cheapest ReLUs", kind=number,
