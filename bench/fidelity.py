@@ -89,20 +89,24 @@ def gradual_search(scale: dict) -> dict:
     return search
 
 
+# Arms that start from the settled arm's SNL@B_ref model.
+SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute")
+
+
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
     """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher)."""
     baseline = str(root / "identity" / "baseline" / "model.safetensors")
-    settled = str(root / "settled" / "snl" / "model.safetensors")
+    settled_adam = {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}
+    gradual = {**settled_adam, **gradual_search(SCALES[scale])}
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
                         "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
             # lean-adam from the settled arm's SNL@B_ref model (main runs settled first, and whenever it is asked for)
-            "settled-adam": {**LEAN_ADAM, "model.checkpoint": settled},
-            "gradual": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale])},
-            # gradual with the absolute estimate: its cheapest ReLUs lie where SNL's removals do (per site)
-            "gradual-absolute": {**LEAN_ADAM, "model.checkpoint": settled, **gradual_search(SCALES[scale]),
-                                 "bcd.estimate": "absolute"}}
+            "settled-adam": settled_adam,
+            "gradual": gradual,
+            # gradual with the absolute estimate: its cheapest ReLUs lie closer to where SNL removes them (per site)
+            "gradual-absolute": {**gradual, "bcd.estimate": "absolute"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,7 +157,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
-    if {"settled-adam", "gradual", "gradual-absolute"} & set(arms) and "settled" not in arms:
+    if set(SETTLED_STARTS) & set(arms) and "settled" not in arms:
         arms.append("settled")  # these start from the settled arm's SNL@B_ref model
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale], **SIGNED}
@@ -243,9 +247,8 @@ def markdown(p: dict) -> str:
              f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
              "methods start from; settled-adam = lean-adam from settled's start; gradual = settled-adam with the "
              "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step; "
-             "gradual-absolute = gradual with the absolute removal estimate. SNL goes "
-             "from the "
-             "same B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
+             "gradual-absolute = gradual with the absolute removal estimate. SNL goes from the same B_ref model "
+             "straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
              "",

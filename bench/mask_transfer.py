@@ -105,6 +105,9 @@ def main(argv=None) -> dict:
     if epochs <= 0:
         raise FastmaskError("the run has no target finetune; give --epochs")
     layouts = estimate_layouts(start, dataset, config, budgets, device)
+    recipe = train.finetune_config(config.model.arch, epochs, lr=config.finetune.lr,
+                                   optimizer=config.finetune.optimizer)
+    recipe.seed = config.seed  # the same shuffles, augmentations and teacher for both masks
     rows = []
     for budget in budgets:
         for method, sub in MASK_SOURCES.items():
@@ -113,9 +116,6 @@ def main(argv=None) -> dict:
             masks.load(run / sub / str(budget) / "masks.safetensors")
             if masks.count() != budget:
                 raise FastmaskError(f"{method}'s mask at {budget} has {masks.count()} ReLUs")
-            recipe = train.finetune_config(config.model.arch, epochs, lr=config.finetune.lr,
-                                           optimizer=config.finetune.optimizer)
-            recipe.seed = config.seed  # the same shuffles, augmentations and teacher for both masks
             history = train.train(model, dataset, recipe, device, teacher=teacher, progress=False)
             val = train.evaluate(model, dataset.val_x, dataset.val_y, dataset, device)
             test = train.evaluate(model, dataset.test_x, dataset.test_y, dataset, device)
