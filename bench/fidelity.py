@@ -16,6 +16,9 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      run 1's baseline, SETTLED_SNL_FINETUNE_EPOCHS); "settled-adam": lean-adam from the settled arm's start;
      "gradual": settled-adam with smaller steps, fewer forwards and more training between them (gradual_search);
      "gradual-absolute": gradual with informed candidates ranked by the absolute estimate (bcd.estimate);
+     "continuous": gradual-absolute with one optimizer carried through the step finetunes at a constant lr
+     (finetune.step_schedule), as SNL's alpha phase trains through its removals. The last two spend, to every target,
+     the images gradual spends, from its start and seed: their SNL rows are gradual's SNL run (checked), not rerun;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -59,7 +62,7 @@ SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
-        "gradual-absolute", "polynomial")
+        "gradual-absolute", "continuous", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -90,7 +93,10 @@ def gradual_search(scale: dict) -> dict:
 
 
 # Arms that start from the settled arm's SNL@B_ref model.
-SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute")
+SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous")
+# Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
+# and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
+SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual"}
 
 
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
@@ -106,7 +112,9 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             "settled-adam": settled_adam,
             "gradual": gradual,
             # gradual with the absolute estimate: its cheapest ReLUs lie closer to where SNL removes them (per site)
-            "gradual-absolute": {**gradual, "bcd.estimate": "absolute"}}
+            "gradual-absolute": {**gradual, "bcd.estimate": "absolute"},
+            # gradual-absolute training through its removals with one optimizer (no restart, no decay per step)
+            "continuous": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,6 +160,17 @@ def snl_rows(summary: dict, arm: str, seed: int) -> list[dict]:
              "seconds": t["seconds"], "steps": None, "fallbacks": None} for t in summary.get("snl_targets", [])]
 
 
+def shared_snl_rows(summary: dict, snl_run: dict, arm: str, seed: int) -> list[dict]:
+    """SNL's rows of `snl_run` for an arm that spent the same images to every target (else RuntimeError)."""
+    theirs = {t["budget"]: t for t in snl_run.get("targets", [])}
+    for t in summary.get("targets", []):
+        other = theirs.get(t["budget"])
+        if other is None or any(t[k] != other[k] for k in ("train_images", "forward_images")):
+            raise RuntimeError(f"{arm} spent other images than {snl_run['config']['out']} to {t['budget']} ReLUs: "
+                               "its SNL side must run (take it out of SNL_FROM)")
+    return snl_rows(snl_run, arm, seed)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -159,6 +178,7 @@ def main(argv=None) -> dict:
     arms = [a for a in args.arms.split(",") if a.strip()]
     if set(SETTLED_STARTS) & set(arms) and "settled" not in arms:
         arms.append("settled")  # these start from the settled arm's SNL@B_ref model
+    arms += [SNL_FROM[a] for a in arms if a in SNL_FROM and SNL_FROM[a] not in arms]  # run (or reused) before them
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale], **SIGNED}
     rows, runs = [], {}
@@ -182,10 +202,12 @@ def main(argv=None) -> dict:
         for arm, variant in lean_arms(args.scale, root).items():
             if arm in arms:  # a cheaper search (half the steps, half the candidates), finetuned at each target
                 lean = run(root / arm, {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
-                                        "method": "both", **variant,
+                                        "method": "bcd" if arm in SNL_FROM else "both", **variant,
                                         "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
                 runs[f"seed{seed}/{arm}"] = lean
-                rows += bcd_rows(lean, arm, seed) + snl_rows(lean, arm, seed)
+                rows += bcd_rows(lean, arm, seed) + (
+                    shared_snl_rows(lean, runs[f"seed{seed}/{SNL_FROM[arm]}"], arm, seed) if arm in SNL_FROM
+                    else snl_rows(lean, arm, seed))
         if "polynomial" in arms:
             baseline = str(root / "identity" / "baseline" / "model.safetensors")
             poly = run(root / "polynomial", {**base, "seed": seed, "method": "both", "replacement": "polynomial",

@@ -1,12 +1,14 @@
 """Mask transfer: is BCD's gap to SNL in the masks it finds, or in how the model is trained on the way?
 
-    python bench/mask_transfer.py RUN_DIR [--budgets 3000] [--epochs 10]
+    python bench/mask_transfer.py RUN_DIR [--budgets 3000] [--epochs 10] [--snl-run OTHER_RUN]
 
 RUN_DIR is a finished `--method both` run (a fidelity arm's folder): BCD's masks are in targets/<budget>/, SNL's in
 snl_targets/<budget>/. For each budget, both masks are put on the SAME weights, the model the run started from
 (SNL@B_ref), and each is finetuned with the same recipe, teacher, seed and images (the run's finetune settings,
 `finetune.target_epochs` epochs unless --epochs says otherwise). What is left between the two rows is the masks'
 doing; what the run's own rows show beyond it is the training's. Test accuracy is reported, never used to choose.
+--snl-run takes SNL's masks from another run that started from the same model (a fidelity arm whose SNL side is
+another arm's run, bench/fidelity.py's SNL_FROM).
 
 Beside them, per site: the ReLUs each mask keeps, and where each informed estimate (bcd.estimate: signed, absolute)
 would keep the same number, had it removed the cheapest ReLUs of the starting model in one go (on the run's scoring
@@ -42,13 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="finetune epochs (default: the run's target epochs)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for mask_transfer.md/.json (default: the run folder)")
+    p.add_argument("--snl-run", default=None, help="the run whose snl_targets/ hold SNL's masks (default: RUN_DIR); "
+                                                   "it must have started from the same model")
     return p.parse_args(argv)
 
 
-def reached(run: Path) -> list[int]:
+def mask_folders(run: Path, snl_run: Optional[Path] = None) -> dict[str, Path]:
+    """{method: the folder holding its masks per budget}."""
+    return {"BCD": run / MASK_SOURCES["BCD"], "SNL": (snl_run or run) / MASK_SOURCES["SNL"]}
+
+
+def reached(folders: dict[str, Path]) -> list[int]:
     """Budgets for which both methods saved a mask, largest first."""
-    found = [{int(d.name) for d in (run / sub).glob("*") if (d / "masks.safetensors").is_file()}
-             for sub in MASK_SOURCES.values()]
+    found = [{int(d.name) for d in folder.glob("*") if (d / "masks.safetensors").is_file()}
+             for folder in folders.values()]
     return sorted(set.intersection(*found), reverse=True)
 
 
@@ -94,7 +103,14 @@ def main(argv=None) -> dict:
     run = Path(args.run)
     config = resolve({}, read_yaml(run / "config.yaml"))
     start, teacher_path = starting_models(run, config)
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else reached(run)
+    snl_run = Path(args.snl_run) if args.snl_run else None
+    if snl_run is not None:
+        snl_start, _ = starting_models(snl_run, resolve({}, read_yaml(snl_run / "config.yaml")))
+        if snl_start.read_bytes() != start.read_bytes():
+            raise FastmaskError(f"{snl_run} started from {snl_start}, {run} from {start}: its masks would be put on "
+                                "weights they were not made on")
+    folders = mask_folders(run, snl_run)
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else reached(folders)
     if not budgets:
         raise FastmaskError(f"{run} has no budget with both a BCD and an SNL mask")
     device = resolve_device(args.device)
@@ -110,10 +126,10 @@ def main(argv=None) -> dict:
     recipe.seed = config.seed  # the same shuffles, augmentations and teacher for both masks
     rows = []
     for budget in budgets:
-        for method, sub in MASK_SOURCES.items():
+        for method, folder in folders.items():
             model = checkpoint.load_model(start, device=device)
             masks = MaskSet(model)
-            masks.load(run / sub / str(budget) / "masks.safetensors")
+            masks.load(folder / str(budget) / "masks.safetensors")
             if masks.count() != budget:
                 raise FastmaskError(f"{method}'s mask at {budget} has {masks.count()} ReLUs")
             history = train.train(model, dataset, recipe, device, teacher=teacher, progress=False)
@@ -123,8 +139,9 @@ def main(argv=None) -> dict:
                          "val_acc": val[0], "test_acc": test[0], "per_site": masks.per_site()})
             print(f"{budget} ReLUs, {method}'s mask: val {val[0]:.2f}%, test {test[0]:.2f}%", flush=True)
     out = Path(args.out) if args.out else run
-    payload = {"run": str(run), "start": str(start), "epochs": epochs, "optimizer": recipe.optimizer,
-               "lr": recipe.lr, "rows": rows, "estimate_layouts": layouts, "machine": report.machine(),
+    payload = {"run": str(run), "snl_run": str(snl_run or run), "start": str(start), "epochs": epochs,
+               "optimizer": recipe.optimizer, "lr": recipe.lr, "rows": rows, "estimate_layouts": layouts,
+               "machine": report.machine(),
                "test_standard_error_points_max": 100 * math.sqrt(0.25 / len(dataset.test_y))}
     report.write_json(out / "mask_transfer.json", payload)
     text = markdown(payload)
@@ -134,7 +151,8 @@ def main(argv=None) -> dict:
 
 
 def markdown(p: dict) -> str:
-    lines = [f"## Mask transfer ({p['run']})", "",
+    source = "" if p.get("snl_run", p["run"]) == p["run"] else f"; SNL's masks from {p['snl_run']}"
+    lines = [f"## Mask transfer ({p['run']}{source})", "",
              f"Each mask on the run's starting model, then {p['epochs']} finetune epochs ({p['optimizer']}, lr "
              f"{p['lr']:g}, the run's teacher and seed). Test standard error up to "
              f"{p['test_standard_error_points_max']:.2f} points.", "",

@@ -23,6 +23,7 @@ REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
 ESTIMATES = ("signed", "absolute")
 SCORINGS = ("exact", "race")
+STEP_SCHEDULES = ("fresh", "continuous")
 
 
 def setting(default: Any, help: str, kind: Callable = str, check: Optional[Callable] = None,
@@ -180,6 +181,10 @@ class FinetuneConfig:
                                   kind=number, check=positive)
     max_steps: Optional[int] = setting(None, "at most this many optimizer steps in each BCD step's finetune (a "
                                              "fraction of an epoch)", kind=whole, check=positive)
+    step_schedule: str = setting("fresh", "BCD's step finetunes: fresh (a new optimizer and a cosine from lr to 0 "
+                                          "each step, the paper's) or continuous (one optimizer carried from step to "
+                                          "step at a constant lr, training through the removals as SNL's alpha "
+                                          "phase does; the target finetune stays fresh)", choices=STEP_SCHEDULES)
     target_epochs: int = setting(0, "finetune epochs when BCD lands on a target, before the target is measured and "
                                     "saved (counted in its compute; the search goes on from the finetuned model)",
                                  kind=whole, check=non_negative)
@@ -219,7 +224,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3,
               "bcd.criterion": "accuracy", "bcd.score_subset": 0, "bcd.proposal": "uniform",
-              "bcd.scoring": "exact", "replacement": "identity", "method": "bcd", "finetune.target_epochs": 0},
+              "bcd.scoring": "exact", "replacement": "identity", "method": "bcd", "finetune.target_epochs": 0,
+              "finetune.step_schedule": "fresh"},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.
     # ADT is 2 points because the ~1,300-image train split's standard error at ~90% accuracy is ~0.8 points: below
     # 2 standard errors candidates would be picked on noise. SNL's lr and lambda0 are 10x and 100x SNL's: an epoch

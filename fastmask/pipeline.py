@@ -353,12 +353,15 @@ class Pipeline:
         self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
                  f"{', '.join(map(str, b.targets))}; DRC {b.drc}, RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
+                 + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"
+                    else "")
                  + (f", {self.config.finetune.target_epochs} at each target" if self.config.finetune.target_epochs
                     else ""))
         return run_bcd(self.model, self.dataset, b, self.device, self.out, seed=self.config.seed,
                        finetune_config=finetune, finetune_max_steps=self.config.finetune.max_steps,
                        target_finetune_epochs=self.config.finetune.target_epochs,
-                       teacher=self.teacher, resume=self.resume, on_step=on_step, progress=self.progress,
+                       step_schedule=self.config.finetune.step_schedule, teacher=self.teacher, resume=self.resume,
+                       on_step=on_step, progress=self.progress,
                        log=self.log, group=self.group)
 
     def save_with_masks(self, model: nn.Module, path: Path, extra: dict) -> None:

@@ -182,6 +182,54 @@ def _build_optimizer(model: nn.Module, extra_params: Iterable[torch.Tensor], con
     return torch.optim.Adam(groups, lr=config.lr)
 
 
+class CarriedOptimizer:
+    """One optimizer across a sequence of train() calls, so that they train as one run: BCD's step finetunes under
+    `finetune.step_schedule continuous`, which keep training through the removals as SNL's alpha phase does,
+    instead of restarting an optimizer (and, with Adam, its moment estimates) at every step.
+
+    Built on the first call, from that call's model and config; its state goes to and comes back from flat tensors,
+    which a resumable run writes into its state file (no pickle)."""
+
+    def __init__(self):
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._params: list[int] = []
+        self._pending: Optional[dict[str, torch.Tensor]] = None
+
+    def for_model(self, model: nn.Module, extra: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+        params = [id(p) for p in model.parameters()] + [id(p) for p in extra]
+        if self.optimizer is None:
+            self.optimizer, self._params = _build_optimizer(model, extra, config), params
+            if self._pending is not None:
+                self._load(self._pending)
+                self._pending = None
+        elif params != self._params:  # a bug in the caller: the state belongs to other parameters
+            raise RuntimeError("CarriedOptimizer reused on another model's parameters")
+        return self.optimizer
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """{"<param index>.<name>": tensor} of every per-parameter state (Adam's moments and step, SGD's momentum);
+        empty before the first call."""
+        if self.optimizer is None:
+            return dict(self._pending or {})
+        return {f"{index}.{name}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().clone()
+                for index, state in self.optimizer.state_dict()["state"].items() for name, value in state.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores state_tensors()'s output; before the first call it is kept until the optimizer is built."""
+        if self.optimizer is None:
+            self._pending = dict(tensors) or None
+        else:
+            self._load(tensors)
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, _, name = key.partition(".")
+            state.setdefault(int(index), {})[name] = value.clone()
+        saved = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
 def _lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if config.lr_schedule == "constant":
         return config.lr
@@ -203,13 +251,15 @@ def _restore(model: nn.Module, extra: list[torch.Tensor], snapshot: tuple[dict, 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, teacher: Optional[nn.Module] = None,
           extra_params: Iterable[torch.Tensor] = (), loss_hook: Optional[Callable[[nn.Module], torch.Tensor]] = None,
           on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None, progress: bool = True,
-          max_steps: Optional[int] = None, group: Optional[Group] = None) -> list[dict]:
+          max_steps: Optional[int] = None, group: Optional[Group] = None,
+          carried: Optional[CarriedOptimizer] = None) -> list[dict]:
     """Trains `model` in place on dataset's train split; returns one history row per epoch.
 
     Loss: CE, or (1 - kd_weight) * CE + kd_weight * KD when a teacher is given, plus loss_hook(model) when given.
     The LR follows a per-step cosine from config.lr to 0 over min(epochs * steps_per_epoch, max_steps) steps.
     on_epoch(epoch, row, model) runs after each epoch's validation; returning "stop" ends training.
     max_steps ends training after that many optimizer steps in total (a fractional-epoch finetune).
+    carried: an optimizer kept from an earlier call (its state goes on) instead of a new one.
     With a `group` (torchrun), every process draws the same global batches and trains on its share of each, and DDP
     averages the gradients: the batch size and learning rate mean what they mean for one process. BatchNorm
     normalizes with each process's share, and its running statistics are rank 0's after every epoch. Rows count
@@ -223,7 +273,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
     device = torch.device(device)
     _place(model, teacher, config, device)
     extra = list(extra_params)
-    optimizer = _build_optimizer(model, extra, config)
+    optimizer = carried.for_model(model, extra, config) if carried is not None else _build_optimizer(model, extra,
+                                                                                                      config)
     net = _data_parallel(model, device, group)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
     total_steps = config.epochs * per_epoch if max_steps is None else min(config.epochs * per_epoch, max_steps)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmask as fm
+from fastmask import train as training
 from fastmask.errors import FastmaskError
 from fastmask.masks import MaskSet
 from fastmask.search import bcd, racing, scoring
@@ -350,6 +351,63 @@ def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, wh
     assert weights_equal(resumed, reference)
     assert [r["budget_after"] for r in result.history] == [r["budget_after"] for r in full.history]
     assert [t["budget"] for t in result.targets] == [700, 455, 300]
+
+
+def carried_adam_finetune(images, labels, carried):
+    """sgd_finetune's steps on an Adam optimizer that `carried` keeps from step to step."""
+    config = training.TrainConfig(epochs=1, optimizer="adam", lr=1e-2)
+
+    def finetune(model, step):
+        generator = torch.Generator().manual_seed(100 + step)
+        optimizer = carried.for_model(model, [], config)
+        model.train()
+        for _ in range(2):
+            index = torch.randperm(len(labels), generator=generator)[:32]
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return {"val_acc": 50.0, "val_loss": 2.0}
+    return finetune
+
+
+@pytest.mark.parametrize("where", ["after_state_written", "during_finetune"])
+def test_resume_restores_the_optimizer_carried_through_the_steps(tmp_path, data, where):
+    images, labels = data
+    kill_step = 4
+
+    def driver(out, finetune, carried, on_step=None):
+        return BCD(tiny_model(), BCDConfig(targets=[700, 455, 300], drc=100, rt=3), images, labels, finetune, out,
+                   on_step=on_step, log=lambda message: None, carried=carried)
+
+    carried = training.CarriedOptimizer()
+    full = driver(tmp_path / "full", carried_adam_finetune(images, labels, carried), carried)
+    with pytest.warns(RuntimeWarning):
+        full.run()
+    assert {float(v) for k, v in carried.state_tensors().items() if k.endswith(".step")} == {2.0 * full.step}
+
+    carried = training.CarriedOptimizer()
+    plain = carried_adam_finetune(images, labels, carried)
+
+    def on_step(record, _driver):
+        if where == "after_state_written" and record["step"] == kill_step:
+            raise Killed()
+
+    def finetune(model, step):
+        plain(model, step)
+        if where == "during_finetune" and step == kill_step:
+            raise Killed()  # weights and optimizer moved, the state file did not
+        return {"val_acc": 50.0, "val_loss": 2.0}
+
+    with pytest.raises(Killed), pytest.warns(RuntimeWarning):
+        driver(tmp_path / "killed", finetune, carried, on_step).run()
+    with pytest.raises(FastmaskError, match="another run"):  # fresh step finetunes are another run
+        driver(tmp_path / "killed", sgd_finetune(images, labels), None).run(resume=True)
+    carried = training.CarriedOptimizer()  # a new process
+    resumed = driver(tmp_path / "killed", carried_adam_finetune(images, labels, carried), carried)
+    resumed.run(resume=True)
+    assert torch.equal(MaskSet(resumed.model).flat(), MaskSet(full.model).flat())
+    assert weights_equal(resumed.model, full.model)
 
 
 def test_existing_state_needs_resume_and_the_same_settings(tmp_path, data):

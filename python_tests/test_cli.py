@@ -100,7 +100,7 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",
           "targets": "8k,5000", "drc": "17", "rt": "19", "adt": "0.7", "criterion": "loss", "score-subset": "333",
           "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "adam", "finetune-lr": "0.0002",
-          "finetune-max-steps": "9",
+          "finetune-max-steps": "9", "finetune-step-schedule": "continuous",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "estimate": "signed", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
@@ -186,6 +186,19 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert (out / "targets/2200/masks.safetensors").read_bytes() == masks_before
     # the same run again without --resume is refused
     assert cli.main(TINY + ["--out", str(out)]) != 0
+
+
+def test_continuous_step_finetunes_write_their_optimizer_into_the_state(tmp_path, capsys):
+    out = tmp_path / "continuous"
+    assert cli.main(TINY + ["--out", str(out), "--finetune-step-schedule", "continuous"]) == 0
+    assert "one optimizer carried through the steps" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoints" / "last.pt"), framework="pt") as f:
+        momentum = [k for k in f.keys() if k.startswith("optimizer.") and k.endswith(".momentum_buffer")]
+        state = json.loads(f.metadata()["bcd_state"])
+    assert momentum and state["config"]["step_schedule"] == "continuous"
+    assert [t["budget"] for t in state["targets"]] == [2600, 2200]
 
 
 def test_method_both_gives_snl_the_compute_bcd_spent(tmp_path):

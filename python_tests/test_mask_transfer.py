@@ -63,3 +63,21 @@ def test_a_run_without_both_methods_is_refused(both_run, tmp_path):
     shutil.rmtree(run / "snl_targets")
     with pytest.raises(FastmaskError, match="no budget with both"):
         mask_transfer().main([str(run)])
+
+
+def test_snl_masks_from_another_run_of_the_same_start(both_run, tmp_path):
+    bcd_only = tmp_path / "bcd_only"
+    shutil.copytree(both_run, bcd_only)
+    shutil.rmtree(bcd_only / "snl_targets")
+    payload = mask_transfer().main([str(bcd_only), "--snl-run", str(both_run), "--budgets", "2200", "--epochs", "1",
+                                    "--out", str(tmp_path)])
+    assert [r["mask"] for r in payload["rows"]] == ["BCD", "SNL"] and payload["snl_run"] == str(both_run)
+    assert f"SNL's masks from {both_run}" in (tmp_path / "mask_transfer.md").read_text()
+
+    from fastmask.errors import FastmaskError
+
+    other_start = tmp_path / "other_start"
+    shutil.copytree(both_run, other_start)
+    shutil.copy(other_start / "baseline" / "model.safetensors", other_start / "snl" / "model.safetensors")
+    with pytest.raises(FastmaskError, match="started from"):
+        mask_transfer().main([str(bcd_only), "--snl-run", str(other_start)])

@@ -116,6 +116,40 @@ def test_max_steps_honored_and_cosine_reaches_zero(small):
     assert history[-1]["lr"] == pytest.approx(0.0)  # the schedule spans the steps actually run
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_carried_optimizer_goes_on_across_calls_and_through_its_state_tensors(small, optimizer):
+    config = training.TrainConfig(epochs=1, optimizer=optimizer, lr=0.01, lr_schedule="constant")
+    start = tiny_model(small)
+
+    def two_calls(model, carried, between=None):
+        training.train(model, small, dataclasses.replace(config, seed=1), "cpu", max_steps=2, progress=False,
+                       carried=carried)
+        if between is not None:
+            model, carried = between(model, carried)
+        training.train(model, small, dataclasses.replace(config, seed=2), "cpu", max_steps=2, progress=False,
+                       carried=carried)
+        return model, carried
+
+    carried_model, carried = two_calls(copy.deepcopy(start), training.CarriedOptimizer())
+    state = carried.state_tensors()
+    if optimizer == "adam":  # one run of four steps, not two runs of two
+        assert {float(v) for k, v in state.items() if k.endswith(".step")} == {4.0}
+    else:
+        assert any(k.endswith(".momentum_buffer") for k in state)
+
+    def reload(model, old):  # a new process: a copy of the model and the optimizer from its tensors alone
+        fresh = training.CarriedOptimizer()
+        fresh.load_state_tensors(old.state_tensors())
+        return copy.deepcopy(model), fresh
+
+    resumed, _ = two_calls(copy.deepcopy(start), training.CarriedOptimizer(), between=reload)
+    assert same_weights(resumed, carried_model)
+    restarted, _ = two_calls(copy.deepcopy(start), None)  # a new optimizer per call: another run
+    assert not same_weights(restarted, carried_model)
+    with pytest.raises(RuntimeError, match="another model"):
+        carried.for_model(tiny_model(small), [], config)
+
+
 def test_on_epoch_stop(small):
     model = tiny_model(small)
     config = training.TrainConfig(epochs=4, optimizer="adam", lr=1e-3)

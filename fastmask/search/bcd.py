@@ -6,7 +6,8 @@ under ADT), applies the accepted one (or the smallest drop when none passes), fi
 atomically. One run passes several targets on the way down; each is saved and evaluated when the count lands on it.
 
 The state file (checkpoints/last.pt) is a safetensors file: the model's state_dict (weights, BN statistics and masks)
-and the RNG states as tensors, everything else as JSON in its metadata. No pickle is written or read.
+and the RNG states as tensors (and a carried finetune optimizer's state), everything else as JSON in its metadata.
+No pickle is written or read.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..checkpoint import SPEC_KEY, model_spec, save_model
-from ..config import BCDConfig, FinetuneConfig
+from ..config import STEP_SCHEDULES, BCDConfig, FinetuneConfig
 from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
@@ -32,6 +33,9 @@ from ..masks import MaskSet
 from .proposal import propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
+
+if TYPE_CHECKING:
+    from .. import train
 
 # 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint; 3: the target finetune
 STATE_VERSION = 3
@@ -65,11 +69,14 @@ def plan_removal(count: int, targets: Sequence[int], drc: int) -> tuple[int, int
 
 
 # ---- the state file ----------------------------------------------------------------------------------------------
-def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict) -> None:
-    """Writes atomically: a kill leaves either the previous state or this one."""
+def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict,
+               optimizer: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Writes atomically: a kill leaves either the previous state or this one. optimizer: a carried finetune
+    optimizer's state tensors."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"optimizer.{k}": v.contiguous() for k, v in (optimizer or {}).items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {SPEC_KEY: json.dumps(model_spec(model)), "bcd_state": json.dumps(state)}
@@ -77,8 +84,10 @@ def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: 
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_state(path: Path, model: nn.Module, generator: torch.Generator) -> dict:
-    """Loads weights, masks and RNG states into model/generator/torch; returns the JSON state."""
+def load_state(path: Path, model: nn.Module, generator: torch.Generator,
+               optimizer: Optional["train.CarriedOptimizer"] = None) -> dict:
+    """Loads weights, masks and RNG states into model/generator/torch (and a carried finetune optimizer's state into
+    `optimizer`); returns the JSON state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -100,6 +109,9 @@ def load_state(path: Path, model: nn.Module, generator: torch.Generator) -> dict
         raise FastmaskError(f"BCD state {path} was made for another model ({str(err).splitlines()[0]})") from err
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
+    if optimizer is not None:
+        optimizer.load_state_tensors({k[len("optimizer."):]: v for k, v in tensors.items()
+                                      if k.startswith("optimizer.")})
     return state
 
 
@@ -119,6 +131,8 @@ class BCD:
     target_finetune(model, step) -> the same, run once more when a step lands on a target (None: no such finetune);
     evaluate_target(model) -> dict of metrics saved with a target (val/test accuracy and loss);
     on_step(record, driver), called after a step's state is written (progress, reports; raising stops the run).
+    carried: the optimizer `finetune` carries from step to step (finetune.step_schedule continuous), whose state is
+    written with the BCD state and restored on resume.
 
     With a `group` (torchrun), every process runs the loop: the cost estimates are summed over the processes' shares
     of the scoring subset, rank 0's candidates and choice are broadcast, scoring is shared out, and after every step
@@ -130,8 +144,10 @@ class BCD:
                  evaluate_target: Optional[Callable[[nn.Module], dict]] = None,
                  target_finetune: Optional[Callable[[nn.Module, int], dict]] = None,
                  on_step: Optional[Callable[[dict, "BCD"], None]] = None,
-                 log: Callable[[str], None] = print, group: Optional[Group] = None):
+                 log: Callable[[str], None] = print, group: Optional[Group] = None,
+                 carried: Optional["train.CarriedOptimizer"] = None):
         self.model = model
+        self.carried = carried
         self.config = config
         self.images = images
         self.labels = labels
@@ -163,15 +179,17 @@ class BCD:
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
                 "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
-                "target_finetune": self.target_finetune is not None}
+                "target_finetune": self.target_finetune is not None,
+                "step_schedule": "fresh" if self.carried is None else "continuous"}
 
     def _state(self) -> dict:
         return {"version": STATE_VERSION, "config": self.fingerprint(), "history": self.history,
                 "targets": self.targets_done, "warnings": self.warned, "done": self.done}
 
     def _resume(self) -> None:
-        state = load_state(self.state_path, self.model, self.generator)
-        saved = {"estimate": "signed", **state["config"]}  # states from before the setting used the signed estimate
+        state = load_state(self.state_path, self.model, self.generator, self.carried)
+        # states from before these settings: the signed estimate, fresh step finetunes
+        saved = {"estimate": "signed", "step_schedule": "fresh", **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -266,7 +284,8 @@ class BCD:
 
     def _save_state(self) -> None:
         if self.is_main:
-            save_state(self.state_path, self.model, self.generator, self._state())
+            save_state(self.state_path, self.model, self.generator, self._state(),
+                       None if self.carried is None else self.carried.state_tensors())
 
     def _finetune(self, finetune: Callable[[nn.Module, int], dict], step: int, last_good: dict) -> dict:
         try:
@@ -334,28 +353,35 @@ class BCD:
 # ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
 def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, seed: int = 0,
             finetune_config=None, finetune_max_steps: Optional[int] = None, target_finetune_epochs: int = 0,
+            step_schedule: str = "fresh",
             teacher: Optional[nn.Module] = None, resume: bool = False, on_step=None, progress: bool = True,
             log: Callable[[str], None] = print, group: Optional[Group] = None) -> BCDResult:
     """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
-    step, so a resumed run repeats the same shuffles), evaluates each target on val and test."""
+    step, so a resumed run repeats the same shuffles), evaluates each target on val and test. step_schedule
+    "continuous": the step finetunes share one optimizer at a constant lr; the target finetune is always fresh."""
     from .. import data, train
 
     if finetune_config is None:
         finetune_config = train.finetune_config(model_spec(model)["arch"], FinetuneConfig().epochs_for(dataset.name))
     model.to(device)
     images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
+    if step_schedule not in STEP_SCHEDULES:
+        raise FastmaskError(f"unknown step schedule {step_schedule!r}; use {' or '.join(STEP_SCHEDULES)}")
+    carried = train.CarriedOptimizer() if step_schedule == "continuous" else None
 
-    def finetune(m: nn.Module, step: int, epochs: Optional[int] = None, max_steps=finetune_max_steps) -> dict:
+    def finetune(m: nn.Module, step: int, epochs: Optional[int] = None, max_steps=finetune_max_steps,
+                 carry: Optional[train.CarriedOptimizer] = carried) -> dict:
         step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step,
-                                          epochs=finetune_config.epochs if epochs is None else epochs)
+                                          epochs=finetune_config.epochs if epochs is None else epochs,
+                                          lr_schedule="cosine" if carry is None else "constant")
         rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress, max_steps=max_steps,
-                           group=group)
+                           group=group, carried=carry)
         last = rows[-1]  # train() validates after every epoch
         return {"val_acc": float(last["val_acc"]), "val_loss": float(last["val_loss"]),
                 "train_images": int(last["images"])}
 
     def target_finetune(m: nn.Module, step: int) -> dict:  # whole epochs, another shuffle than the step's
-        return finetune(m, step + 500_000, epochs=target_finetune_epochs, max_steps=None)
+        return finetune(m, step + 500_000, epochs=target_finetune_epochs, max_steps=None, carry=None)
 
     def evaluate_target(m: nn.Module) -> dict:
         val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
@@ -364,5 +390,5 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
 
     driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
                  target_finetune=target_finetune if target_finetune_epochs > 0 else None, on_step=on_step, log=log,
-                 group=group)
+                 group=group, carried=carried)
     return driver.run(resume=resume)
