@@ -17,8 +17,10 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      "gradual": settled-adam with smaller steps, fewer forwards and more training between them (gradual_search);
      "gradual-absolute": gradual with informed candidates ranked by the absolute estimate (bcd.estimate);
      "continuous": gradual-absolute with one optimizer carried through the step finetunes at a constant lr
-     (finetune.step_schedule), as SNL's alpha phase trains through its removals. The last two spend, to every target,
-     the images gradual spends, from its start and seed: their SNL rows are gradual's SNL run (checked), not rerun;
+     (finetune.step_schedule), as SNL's alpha phase trains through its removals; "continuous-pool": continuous with
+     candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL). The last three spend, to
+     every target, the images gradual spends, from its start and seed: their SNL rows are gradual's SNL run (checked),
+     not rerun;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -57,12 +59,12 @@ SCALES = {
              "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3, "bcd.score_subset": 0, "finetune.epochs": 1},
 }
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
-# Every arm but gradual-absolute ranks informed candidates by the signed estimate, the default when they ran.
+# The arms before gradual-absolute rank informed candidates by the signed estimate, the default when they ran.
 SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
-        "gradual-absolute", "continuous", "polynomial")
+        "gradual-absolute", "continuous", "continuous-pool", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -93,10 +95,13 @@ def gradual_search(scale: dict) -> dict:
 
 
 # Arms that start from the settled arm's SNL@B_ref model.
-SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous")
+SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool")
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
 # and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
-SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual"}
+SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual"}
+# The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
+# ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
+CONTINUOUS_POOL = 1.5
 
 
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
@@ -114,7 +119,9 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # gradual with the absolute estimate: its cheapest ReLUs lie closer to where SNL removes them (per site)
             "gradual-absolute": {**gradual, "bcd.estimate": "absolute"},
             # gradual-absolute training through its removals with one optimizer (no restart, no decay per step)
-            "continuous": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous"}}
+            "continuous": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous"},
+            "continuous-pool": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous",
+                                "bcd.pool": CONTINUOUS_POOL}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -259,7 +266,8 @@ def markdown(p: dict) -> str:
              f"{','.join(map(str, p['seeds']))}; {machine})", "",
              f"B_ref {s['snl.ref_budget']}, DRC {s['bcd.drc']}, RT {s['bcd.rt']}, ADT {s['bcd.adt']} points on "
              f"{s['bcd.score_subset'] or 'all'} train images, {s.get('finetune.max_steps') or 'an epoch of'} finetune "
-             "steps per BCD step. Every arm but gradual-absolute ranks informed candidates by the signed estimate. "
+             "steps per BCD step. Every arm from gradual-absolute on ranks informed candidates by the absolute "
+             "estimate, the others by the signed one. "
              "default = informed candidates + racing; paper = uniform candidates + exact "
              "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
              f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target; lean = "
@@ -269,7 +277,10 @@ def markdown(p: dict) -> str:
              f"{SETTLED_SNL_FINETUNE_EPOCHS[p['scale']]} epochs instead of {s['snl.finetune_epochs']}, which both "
              "methods start from; settled-adam = lean-adam from settled's start; gradual = settled-adam with the "
              "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step; "
-             "gradual-absolute = gradual with the absolute removal estimate. SNL goes from the same B_ref model "
+             "gradual-absolute = gradual with the absolute removal estimate; continuous = gradual-absolute with one "
+             "optimizer carried through the step finetunes at a constant lr; continuous-pool = continuous with "
+             f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs (the SNL rows of the last three are "
+             "gradual's SNL run: the same start, seed and images). SNL goes from the same B_ref model "
              "straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
