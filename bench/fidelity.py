@@ -8,6 +8,7 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      (BCD with its default proposal and scoring) through every target, and SNL straight to each target with the
      same compute (images trained on + images pushed forward; SNL's alpha phase counted);
   2. the paper's Algorithm 2 (uniform candidates, exact scoring) from run 1's SNL@B_ref model and teacher;
+     "default-absolute": run 1's BCD again with the absolute estimate (the default since), its SNL rows run 1's;
   2b. "finetuned": run 1 again from its SNL@B_ref model, with a finetune whenever BCD lands on a target
      (TARGET_FINETUNE_EPOCHS), and SNL with the same (larger) compute;
   2c. "lean": as 2b with a cheaper search (lean_search: twice the DRC, half the candidates); "lean-lr": the same
@@ -18,9 +19,10 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      "gradual-absolute": gradual with informed candidates ranked by the absolute estimate (bcd.estimate);
      "continuous": gradual-absolute with one optimizer carried through the step finetunes at a constant lr
      (finetune.step_schedule), as SNL's alpha phase trains through its removals; "continuous-pool": continuous with
-     candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL). The last three spend, to
+     candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL). These three spend, to
      every target, the images gradual spends, from its start and seed: their SNL rows are gradual's SNL run (checked),
-     not rerun;
+     not rerun; "continuous-loss": continuous with its two candidates told apart by their loss on the scoring
+     subset instead of their accuracy (bcd.criterion loss; the same images, so its SNL rows are gradual's too);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -63,8 +65,8 @@ PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
 SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
-ARMS = ("default", "paper", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam", "gradual",
-        "gradual-absolute", "continuous", "continuous-pool", "polynomial")
+ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
+        "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -95,10 +97,11 @@ def gradual_search(scale: dict) -> dict:
 
 
 # Arms that start from the settled arm's SNL@B_ref model.
-SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool")
+SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss")
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
 # and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
-SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual"}
+SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
+            "continuous-loss": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -121,7 +124,12 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # gradual-absolute training through its removals with one optimizer (no restart, no decay per step)
             "continuous": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous"},
             "continuous-pool": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous",
-                                "bcd.pool": CONTINUOUS_POOL}}
+                                "bcd.pool": CONTINUOUS_POOL},
+            # continuous choosing between its candidates by the scoring subset's loss: with 2 candidates on 1,024
+            # images both are scored on every image and the pick is the accuracy's, whose standard error (1.5
+            # points) is above the candidates' difference; the loss is continuous. ADT then only names fallbacks.
+            "continuous-loss": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous",
+                                "bcd.criterion": "loss"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -201,6 +209,12 @@ def main(argv=None) -> dict:
             paper = run(root / "paper", {**base, **PAPER_SEARCH, **from_first, "seed": seed, "method": "bcd"})
             runs[f"seed{seed}/paper"] = paper
             rows += bcd_rows(paper, "paper", seed)
+        if "default-absolute" in arms:  # run 1's search with the estimate it defaults to now; its SNL is run 1's
+            absolute = run(root / "default-absolute", {**base, **from_first, "seed": seed, "method": "bcd",
+                                                       "bcd.estimate": "absolute"})
+            runs[f"seed{seed}/default-absolute"] = absolute
+            rows += bcd_rows(absolute, "default-absolute", seed) + shared_snl_rows(absolute, first,
+                                                                                  "default-absolute", seed)
         if "finetuned" in arms:  # the default search, finetuned at each target, and SNL with the same compute
             tuned = run(root / "finetuned", {**base, **from_first, "seed": seed, "method": "both",
                                              "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
@@ -269,7 +283,8 @@ def markdown(p: dict) -> str:
              "steps per BCD step. Every arm from gradual-absolute on ranks informed candidates by the absolute "
              "estimate, the others by the signed one. "
              "default = informed candidates + racing; paper = uniform candidates + exact "
-             "scoring (Algorithm 2) at the same DRC/RT/finetune; finetuned = default + "
+             "scoring (Algorithm 2) at the same DRC/RT/finetune; default-absolute = default with the absolute "
+             "estimate (its SNL rows are default's); finetuned = default + "
              f"{TARGET_FINETUNE_EPOCHS[p['scale']]} finetune epochs whenever it lands on a target; lean = "
              "finetuned with twice the DRC and half the RT; lean-lr = lean with every finetune (both methods) at "
              f"SGD lr {LEAN_FINETUNE_LR:g}; lean-adam = lean with every finetune (both methods) on Adam at lr "
@@ -279,7 +294,8 @@ def markdown(p: dict) -> str:
              "scale's DRC, 2 candidates scored on half the subset and twice the finetune steps per BCD step; "
              "gradual-absolute = gradual with the absolute removal estimate; continuous = gradual-absolute with one "
              "optimizer carried through the step finetunes at a constant lr; continuous-pool = continuous with "
-             f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs (the SNL rows of the last three are "
+             f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs; continuous-loss = continuous picking its "
+             "candidate by loss, not accuracy (the SNL rows of the last four are "
              "gradual's SNL run: the same start, seed and images). SNL goes from the same B_ref model "
              "straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
