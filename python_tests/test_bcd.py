@@ -34,19 +34,23 @@ def data():
     return torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator)
 
 
+def two_steps(model, images, labels, optimizer, step):
+    """Two optimizer steps on batches drawn from a per-step seed."""
+    generator = torch.Generator().manual_seed(100 + step)
+    model.train()
+    for _ in range(2):
+        index = torch.randperm(len(labels), generator=generator)[:32]
+        loss = F.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def sgd_finetune(images, labels, calls=None):
     def finetune(model, step):
         if calls is not None:
             calls.append(("finetune", step))
-        generator = torch.Generator().manual_seed(100 + step)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        model.train()
-        for _ in range(2):
-            index = torch.randperm(len(labels), generator=generator)[:32]
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        two_steps(model, images, labels, torch.optim.SGD(model.parameters(), lr=0.05), step)
         with torch.no_grad():  # global RNG on purpose: resume must restore torch's RNG state too
             model.linear.bias.add_(1e-3 * torch.randn(10).to(model.linear.bias.device))
         return {"val_acc": 50.0, "val_loss": 2.0}
@@ -358,15 +362,7 @@ def carried_adam_finetune(images, labels, carried):
     config = training.TrainConfig(epochs=1, optimizer="adam", lr=1e-2)
 
     def finetune(model, step):
-        generator = torch.Generator().manual_seed(100 + step)
-        optimizer = carried.for_model(model, [], config)
-        model.train()
-        for _ in range(2):
-            index = torch.randperm(len(labels), generator=generator)[:32]
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        two_steps(model, images, labels, carried.for_model(model, [], config), step)
         return {"val_acc": 50.0, "val_loss": 2.0}
     return finetune
 
