@@ -19,10 +19,10 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      "gradual-absolute": gradual with informed candidates ranked by the absolute estimate (bcd.estimate);
      "continuous": gradual-absolute with one optimizer carried through the step finetunes at a constant lr
      (finetune.step_schedule), as SNL's alpha phase trains through its removals; "continuous-pool": continuous with
-     candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL). These three spend, to
-     every target, the images gradual spends, from its start and seed: their SNL rows are gradual's SNL run (checked),
-     not rerun; "continuous-loss": continuous with its two candidates told apart by their loss on the scoring
-     subset instead of their accuracy (bcd.criterion loss; the same images, so its SNL rows are gradual's too);
+     candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL); "continuous-loss":
+     continuous with its two candidates told apart by their loss on the scoring subset instead of their accuracy
+     (bcd.criterion loss). These four spend, to every target, the images gradual spends, from its start and seed:
+     their SNL rows are gradual's SNL run (SNL_FROM; checked), not rerun;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
 .png into --out; each run's own folder (report, models, steps) stays beside them.
@@ -61,7 +61,8 @@ SCALES = {
              "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3, "bcd.score_subset": 0, "finetune.epochs": 1},
 }
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
-# The arms before gradual-absolute rank informed candidates by the signed estimate, the default when they ran.
+# The arms before gradual-absolute (but default-absolute) rank informed candidates by the signed estimate, the
+# default when they ran.
 SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
@@ -112,6 +113,8 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
     baseline = str(root / "identity" / "baseline" / "model.safetensors")
     settled_adam = {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}
     gradual = {**settled_adam, **gradual_search(SCALES[scale])}
+    gradual_absolute = {**gradual, "bcd.estimate": "absolute"}
+    continuous = {**gradual_absolute, "finetune.step_schedule": "continuous"}
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
@@ -120,16 +123,14 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             "settled-adam": settled_adam,
             "gradual": gradual,
             # gradual with the absolute estimate: its cheapest ReLUs lie closer to where SNL removes them (per site)
-            "gradual-absolute": {**gradual, "bcd.estimate": "absolute"},
+            "gradual-absolute": gradual_absolute,
             # gradual-absolute training through its removals with one optimizer (no restart, no decay per step)
-            "continuous": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous"},
-            "continuous-pool": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous",
-                                "bcd.pool": CONTINUOUS_POOL},
+            "continuous": continuous,
+            "continuous-pool": {**continuous, "bcd.pool": CONTINUOUS_POOL},
             # continuous choosing between its candidates by the scoring subset's loss: with 2 candidates on 1,024
             # images both are scored on every image and the pick is the accuracy's, whose standard error (1.5
             # points) is above the candidates' difference; the loss is continuous. ADT then only names fallbacks.
-            "continuous-loss": {**gradual, "bcd.estimate": "absolute", "finetune.step_schedule": "continuous",
-                                "bcd.criterion": "loss"}}
+            "continuous-loss": {**continuous, "bcd.criterion": "loss"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -280,8 +281,8 @@ def markdown(p: dict) -> str:
              f"{','.join(map(str, p['seeds']))}; {machine})", "",
              f"B_ref {s['snl.ref_budget']}, DRC {s['bcd.drc']}, RT {s['bcd.rt']}, ADT {s['bcd.adt']} points on "
              f"{s['bcd.score_subset'] or 'all'} train images, {s.get('finetune.max_steps') or 'an epoch of'} finetune "
-             "steps per BCD step. Every arm from gradual-absolute on ranks informed candidates by the absolute "
-             "estimate, the others by the signed one. "
+             "steps per BCD step. default-absolute and every arm from gradual-absolute on rank informed candidates by "
+             "the absolute estimate, the others by the signed one. "
              "default = informed candidates + racing; paper = uniform candidates + exact "
              "scoring (Algorithm 2) at the same DRC/RT/finetune; default-absolute = default with the absolute "
              "estimate (its SNL rows are default's); finetuned = default + "
