@@ -263,7 +263,7 @@ def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch
     assert torch.equal(costs, absolute_costs) is (estimate == "absolute")
 
 
-def test_a_state_from_before_the_estimate_setting_resumes_as_signed(tmp_path, data):
+def test_a_state_from_before_the_estimate_and_step_schedule_settings_resumes_as_signed_and_fresh(tmp_path, data):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -279,7 +279,7 @@ def test_a_state_from_before_the_estimate_setting_resumes_as_signed(tmp_path, da
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    del state["config"]["estimate"]
+    del state["config"]["estimate"], state["config"]["step_schedule"]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
     with pytest.raises(FastmaskError, match="another run"):
