@@ -22,10 +22,12 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL); "continuous-loss":
      continuous with its two candidates told apart by their loss on the scoring subset instead of their accuracy
      (bcd.criterion loss). These four spend, to every target, the images gradual spends, from its start and seed:
-     their SNL rows are gradual's SNL run (SNL_FROM; checked), not rerun;
+     their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
-Test accuracy is measured once per method and target; nothing is chosen on it. Writes fidelity_<scale>.md, .json and
-.png into --out; each run's own folder (report, models, steps) stays beside them.
+An arm asked for alone runs only the start it needs from the runs above it (run 1's baseline, settled's SNL@B_ref
+model), not their searches. Test accuracy is measured once per method and target; nothing is chosen on it. Writes
+fidelity_<scale>.md, .json and .png (or --name's) into --out; each run's own folder (report, models, steps) stays
+beside them.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -141,18 +144,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARMS), help=f"which of {', '.join(ARMS)} to run")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "fidelity"))
+    p.add_argument("--name", default=None, help="the files' name in --out (default fidelity_<scale>): one table per "
+                                                "set of seeds and arms, the runs shared")
     return p.parse_args(argv)
 
 
-def run(out: Path, settings: dict, quiet: bool = True) -> dict:
-    """One pipeline run in `out` (resumed when it is already there), returning its summary."""
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
+def run(out: Path, settings: dict, quiet: bool = True, stop_after: Optional[str] = None) -> dict:
+    """One pipeline run in `out` (resumed when it is already there), returning its summary; stop_after ("baseline",
+    "snl") makes only its start, which a later whole run of the same settings resumes from."""
+    if (out / "summary.json").is_file():
         print(f"reusing {out}", flush=True)
-        return json.loads(summary_path.read_text())
+        return finished(out)
     config = validate(resolve({**settings, "out": str(out)}))
     return Pipeline.prepare(config, resume=out.exists(), progress=not quiet,
-                            log=lambda message: print(f"[{out.name}] {message}", flush=True)).run()
+                            log=lambda message: print(f"[{out.name}] {message}", flush=True)).run(stop_after)
+
+
+def finished(out: Path) -> dict:
+    """The summary of a run done before."""
+    return json.loads((out / "summary.json").read_text())
 
 
 def bcd_rows(summary: dict, arm: str, seed: int) -> list[dict]:
@@ -192,20 +202,24 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
-    if set(SETTLED_STARTS) & set(arms) and "settled" not in arms:
-        arms.append("settled")  # these start from the settled arm's SNL@B_ref model
-    arms += [SNL_FROM[a] for a in arms if a in SNL_FROM and SNL_FROM[a] not in arms]  # run (or reused) before them
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale], **SIGNED}
     rows, runs = [], {}
     for seed in seeds:
         root = out / args.scale / f"seed{seed}"
-        first = run(root / "identity", {**base, "seed": seed, "method": "both"})
+        # Run 1 whole when its rows are asked for, else only the start the arms asked for take from it.
+        first = run(root / "identity", {**base, "seed": seed, "method": "both"},
+                    stop_after=None if {"default", "default-absolute"} & set(arms) else
+                    "snl" if set(arms) - set(SETTLED_STARTS) - {"settled", "polynomial"} else "baseline")
         runs[f"seed{seed}/identity"] = first
         # run 1's SNL@B_ref model and its teacher: the start of the arms below
         from_first = {"model.checkpoint": str(root / "identity" / "snl" / "model.safetensors"),
                       "model.teacher": str(root / "identity" / "baseline" / "model.safetensors")}
-        rows += bcd_rows(first, "default", seed) + snl_rows(first, "default", seed)
+        if "default" in arms:
+            rows += bcd_rows(first, "default", seed) + snl_rows(first, "default", seed)
         if "paper" in arms:  # the paper's Algorithm 2 from the same SNL@B_ref model and teacher
             paper = run(root / "paper", {**base, **PAPER_SEARCH, **from_first, "seed": seed, "method": "bcd"})
             runs[f"seed{seed}/paper"] = paper
@@ -222,14 +236,25 @@ def main(argv=None) -> dict:
             runs[f"seed{seed}/finetuned"] = tuned
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
         for arm, variant in lean_arms(args.scale, root).items():
-            if arm in arms:  # a cheaper search (half the steps, half the candidates), finetuned at each target
-                lean = run(root / arm, {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
-                                        "method": "bcd" if arm in SNL_FROM else "both", **variant,
-                                        "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
-                runs[f"seed{seed}/{arm}"] = lean
+            # settled's start alone when only the arms that start from it are asked for
+            stop_after = "snl" if arm == "settled" and arm not in arms else None
+            if arm not in arms and not (stop_after and set(SETTLED_STARTS) & set(arms)):
+                continue
+            # an arm in SNL_FROM takes its SNL rows from that run when this seed has it (asked for now, or done
+            # before), and runs its own SNL side (the same compute) when not
+            snl_source = SNL_FROM.get(arm)
+            shares_snl = snl_source is not None and (
+                snl_source in arms or (root / snl_source / "summary.json").is_file())
+            # a cheaper search (half the steps, half the candidates), finetuned at each target
+            lean = run(root / arm, {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
+                                    "method": "bcd" if shares_snl else "both", **variant,
+                                    "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]},
+                       stop_after=stop_after)
+            runs[f"seed{seed}/{arm}"] = lean
+            if stop_after is None:
                 rows += bcd_rows(lean, arm, seed) + (
-                    shared_snl_rows(lean, runs[f"seed{seed}/{SNL_FROM[arm]}"], arm, seed) if arm in SNL_FROM
-                    else snl_rows(lean, arm, seed))
+                    shared_snl_rows(lean, runs.get(f"seed{seed}/{snl_source}") or finished(root / snl_source), arm,
+                                    seed) if shares_snl else snl_rows(lean, arm, seed))
         if "polynomial" in arms:
             baseline = str(root / "identity" / "baseline" / "model.safetensors")
             poly = run(root / "polynomial", {**base, "seed": seed, "method": "both", "replacement": "polynomial",
@@ -243,14 +268,16 @@ def main(argv=None) -> dict:
     payload = {"scale": args.scale, "settings": SCALES[args.scale], "seeds": seeds, "machine": report.machine(),
                "data": Path(args.data).name, "rows": rows, "table": aggregate(rows), "test_images": test_images,
                "test_standard_error_points_max": 100 * math.sqrt(0.25 / test_images),
+               "gaps": gaps(rows),
                "references": {k: {"snl": v.get("snl"), "baseline": v.get("baseline")} for k, v in runs.items()}}
-    report.write_json(out / f"fidelity_{args.scale}.json", payload)
+    name = args.name or f"fidelity_{args.scale}"
+    report.write_json(out / f"{name}.json", payload)
     text = markdown(payload)
-    report.atomic_write_text(out / f"fidelity_{args.scale}.md", text)
+    report.atomic_write_text(out / f"{name}.md", text)
     series = {}
     for r in payload["table"]:
         series.setdefault(f"{r['method']} ({r['arm']})", []).append((r["budget"], r["test_mean"]))
-    report.plot_accuracy_vs_budget(out / f"fidelity_{args.scale}.png", series, ylabel="test accuracy (%), mean")
+    report.plot_accuracy_vs_budget(out / f"{name}.png", series, ylabel="test accuracy (%), mean")
     print(text)
     return payload
 
@@ -272,6 +299,24 @@ def aggregate(rows: list[dict]) -> list[dict]:
                       "fallbacks": None if group[0]["fallbacks"] is None else
                       statistics.fmean(g["fallbacks"] for g in group)})
     return sorted(table, key=lambda r: (-r["budget"], ARMS.index(r["arm"]), r["method"]))
+
+
+def gaps(rows: list[dict]) -> list[dict]:
+    """BCD minus SNL per (arm, budget), seed by seed (both from the same start and seed), then mean and std."""
+    by_key = {(r["arm"], r["budget"], r["seed"], r["method"]): r for r in rows}
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for (arm, budget, seed, method), r in sorted(by_key.items()):
+        snl = by_key.get((arm, budget, seed, "SNL"))
+        if method == "BCD" and snl is not None:
+            gap = (r["test_acc"] - snl["test_acc"], r["val_acc"] - snl["val_acc"])
+            groups.setdefault((arm, budget), []).append(gap)
+    table = []
+    for (arm, budget), pairs in groups.items():
+        test, val = [t for t, _ in pairs], [v for _, v in pairs]
+        table.append({"arm": arm, "budget": budget, "seeds": len(pairs), "test_gaps": test, "val_gaps": val,
+                      "test_mean": statistics.fmean(test), "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                      "val_mean": statistics.fmean(val), "val_std": statistics.stdev(val) if len(val) > 1 else 0.0})
+    return sorted(table, key=lambda r: (-r["budget"], ARMS.index(r["arm"])))
 
 
 def markdown(p: dict) -> str:
@@ -297,8 +342,8 @@ def markdown(p: dict) -> str:
              "optimizer carried through the step finetunes at a constant lr; continuous-pool = continuous with "
              f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs; continuous-loss = continuous picking its "
              "candidate by loss, not accuracy (the SNL rows of the last four are "
-             "gradual's SNL run: the same start, seed and images). SNL goes from the same B_ref model "
-             "straight to the target, then finetunes with what is left of the compute of the BCD "
+             "gradual's SNL run where the seed has one: the same start, seed and images). SNL goes from the same "
+             "B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",
              "",
@@ -307,15 +352,23 @@ def markdown(p: dict) -> str:
              "'train-equivalent' (train + forward / "
              f"{TRAIN_PASS_IN_FORWARDS:g}) is closer to FLOPs and to wall time.",
              "",
-             "| ReLUs | arm | method | test % mean | std | val % | train images | forward images | "
+             "| ReLUs | arm | method | seeds | test % mean | std | val % | train images | forward images | "
              "train-equivalent | wall s | fallbacks |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in p["table"]:
         fallbacks = "" if r["fallbacks"] is None else f"{r['fallbacks']:.1f}"
-        lines.append(f"| {r['budget']} | {r['arm']} | {r['method']} | {r['test_mean']:.2f} | {r['test_std']:.2f} | "
-                     f"{r['val_mean']:.2f} | {r['train_images']:,.0f} | {r['forward_images']:,.0f} | "
+        lines.append(f"| {r['budget']} | {r['arm']} | {r['method']} | {r['seeds']} | {r['test_mean']:.2f} | "
+                     f"{r['test_std']:.2f} | {r['val_mean']:.2f} | {r['train_images']:,.0f} | "
+                     f"{r['forward_images']:,.0f} | "
                      f"{r['train_images'] + r['forward_images'] / TRAIN_PASS_IN_FORWARDS:,.0f} | "
                      f"{r['seconds']:.0f} | {fallbacks} |")
+    lines += ["", "BCD minus SNL, seed by seed (the same start and seed on both sides), in points:", "",
+              "| ReLUs | arm | seeds | test gap mean | std | per seed | val gap mean | std | per seed |",
+              "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    for g in p["gaps"]:
+        lines.append(f"| {g['budget']} | {g['arm']} | {g['seeds']} | {g['test_mean']:+.2f} | {g['test_std']:.2f} | "
+                     f"{', '.join(f'{x:+.2f}' for x in g['test_gaps'])} | {g['val_mean']:+.2f} | "
+                     f"{g['val_std']:.2f} | {', '.join(f'{x:+.2f}' for x in g['val_gaps'])} |")
     return "\n".join(lines) + "\n"
 
 

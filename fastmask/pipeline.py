@@ -28,6 +28,9 @@ from .nn import relu_count
 from .search import polynomial, snl
 from .search.bcd import BCDResult, run_bcd
 
+# The stages before the search, in order: Pipeline.run(stop_after=...) may end after either.
+STAGES_BEFORE_SEARCH = ("baseline", "snl")
+
 
 def resolve_device(requested: Optional[str]) -> str:
     if requested in (None, "auto"):
@@ -141,7 +144,12 @@ class Pipeline:
                                 "another --out")
 
     # ---- the run ------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop_after: Optional[str] = None) -> dict:
+        """Every stage, then the report; returns the summary. stop_after="baseline" or "snl" ends the run after that
+        stage (its model saved in the out dir, no report): a later run of the same settings with `resume` loads it
+        and goes on, so a start shared by several searches is made once, before them."""
+        if stop_after not in STAGES_BEFORE_SEARCH + (None,):
+            raise ValueError(f"stop_after must be one of {STAGES_BEFORE_SEARCH} or None, not {stop_after!r}")
         started = time.perf_counter()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -154,10 +162,14 @@ class Pipeline:
         baseline = self.baseline_stage()
         if baseline:
             summary["baseline"] = baseline
+        if stop_after == "baseline":
+            return summary
         self.replacement_stage()
         reference = self.snl_stage()
         if reference:
             summary["snl"] = reference
+        if stop_after == "snl":
+            return summary
         summary["start"] = self.measure(self.model)
         method = self.config.method
         start_model = copy.deepcopy(self.model) if method == "both" else self.model

@@ -188,6 +188,25 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert cli.main(TINY + ["--out", str(out)]) != 0
 
 
+@pytest.mark.parametrize("stop_after, written, absent", [("baseline", "baseline", "snl"), ("snl", "snl", "targets")])
+def test_a_run_stopped_before_the_search_resumes_to_the_uninterrupted_run(tmp_path, capsys, stop_after, written,
+                                                                          absent):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(TINY + ["--out", str(whole)]) == 0
+    config, _, _ = cli.parse(TINY + ["--out", str(parts)])
+    summary = Pipeline.prepare(config, log=lambda message: None).run(stop_after=stop_after)
+    assert (parts / written / "model.safetensors").is_file() and not (parts / absent).exists()
+    assert "targets" not in summary and not (parts / "summary.json").exists()
+    capsys.readouterr()
+    assert cli.main(TINY + ["--out", str(parts), "--resume"]) == 0
+    assert f"{'baseline' if stop_after == 'baseline' else 'SNL'}: loaded" in capsys.readouterr().out
+    for budget in (2600, 2200):
+        name = f"targets/{budget}/masks.safetensors"
+        assert (parts / name).read_bytes() == (whole / name).read_bytes()
+    with pytest.raises(ValueError, match="stop_after"):
+        Pipeline.prepare(config, resume=True, log=lambda message: None).run(stop_after="bcd")
+
+
 def test_continuous_step_finetunes_write_their_optimizer_into_the_state(tmp_path, capsys):
     out = tmp_path / "continuous"
     assert cli.main(TINY + ["--out", str(out), "--finetune-step-schedule", "continuous"]) == 0
