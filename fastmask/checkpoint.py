@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import models
 from .errors import FastmaskError
 from .files import atomic_write
+from .nn import masked_sites
 
 SPEC_KEY = "fastmask_spec"
 
@@ -73,6 +74,12 @@ def load_model(path: str | Path, expected: dict | None = None, device: str | tor
         state = load_file(str(path))
     except Exception as err:
         raise FastmaskError(f"checkpoint {path} is corrupt ({err})") from err
+    for name, site in masked_sites(model):
+        # a site that holds coefficients in the file keeps them, whether or not a new model would give it some
+        # (checkpoints from before polynomials were limited to sites with a normalized input)
+        saved = state.get(f"{name}.coeffs")
+        if site.coeffs is None and saved is not None and saved.shape == (site.shape[0], 3):
+            site.coeffs = nn.Parameter(torch.zeros_like(saved))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch: the spec lied about the weights

@@ -208,7 +208,9 @@ class RunConfig:
                                  "image passes (images trained on + images pushed forward)",
                           choices=METHODS)
     replacement: str = setting("identity", "what a removed ReLU becomes: identity, or a per-channel polynomial "
-                                           "c0 + c1 x + c2 x^2 fitted by least squares and trained with the weights",
+                                           "c0 + c1 x + c2 x^2 fitted by least squares and trained with the weights "
+                                           "where the ReLU's input is a BatchNorm's output (the identity after a "
+                                           "residual add)",
                                choices=REPLACEMENTS)
     seed: int = setting(0, "seed of the split, training and candidate sampling", kind=whole, check=non_negative)
     device: Optional[str] = setting(None, "cpu, cuda, cuda:1 ... (default: cuda when available)", runtime=True)

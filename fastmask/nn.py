@@ -24,11 +24,15 @@ class MaskedReLU(nn.Module):
     - `alpha` ([*shape] float Parameter): SNL's soft mask, alpha * relu(x) + (1 - alpha) * x.
     """
 
-    def __init__(self, shape: Sequence[int], polynomial: bool = False):
+    def __init__(self, shape: Sequence[int], polynomial: bool = False, normalized_input: bool = True):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
-        if polynomial:  # start as the identity, so a fresh polynomial site equals plain linearization
+        # Whether the site's input is a normalization's output. Only such sites take a polynomial replacement: a
+        # quadratic of the residual stream (a site after a residual add) squares a sum that grows block after block,
+        # and with most ReLUs removed the outputs compound to overflow; those sites keep the identity.
+        self.normalized_input = bool(normalized_input)
+        if polynomial and self.normalized_input:  # start as the identity: a fresh site equals plain linearization
             self.coeffs = nn.Parameter(torch.tensor([[0.0, 1.0, 0.0]]).repeat(shape[0], 1))
         else:
             self.coeffs = None
@@ -64,7 +68,8 @@ class MaskedReLU(nn.Module):
         return masked_relu(x, self.active_mask(), self.coeffs)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, kept={self.relu_count()}, polynomial={self.coeffs is not None}"
+        return (f"shape={self.shape}, kept={self.relu_count()}, polynomial={self.coeffs is not None}, "
+                f"normalized_input={self.normalized_input}")
 
 
 def masked_sites(model: nn.Module) -> list[tuple[str, MaskedReLU]]:
@@ -84,7 +89,8 @@ def convert(model: nn.Module, example_input: torch.Tensor, polynomial: bool = Fa
     """Returns a copy of `model` in which every ReLU call site is its own MaskedReLU with an all-ones mask.
 
     A ReLU module called at two places (torchvision's BasicBlock calls self.relu twice) becomes two sites, since
-    each place needs its own mask. Shapes come from one forward pass of `example_input` (batch size is irrelevant).
+    each place needs its own mask. A site takes a polynomial only when its input is a BatchNorm module's output
+    (MaskedReLU.normalized_input). Shapes come from one forward pass of `example_input` (batch size is irrelevant).
     """
     try:
         graph_module = torch.fx.symbolic_trace(model)
@@ -107,7 +113,10 @@ def convert(model: nn.Module, example_input: torch.Tensor, polynomial: bool = Fa
         shape = node.meta["tensor_meta"].shape[1:]
         name = f"masked_relu_{count}"
         count += 1
-        graph_module.add_submodule(name, MaskedReLU(shape, polynomial=polynomial))
+        source = node.args[0]
+        normalized = (isinstance(source, torch.fx.Node) and source.op == "call_module"
+                      and isinstance(modules.get(source.target), nn.modules.batchnorm._BatchNorm))
+        graph_module.add_submodule(name, MaskedReLU(shape, polynomial=polynomial, normalized_input=normalized))
         with graph_module.graph.inserting_after(node):
             new_node = graph_module.graph.call_module(name, args=(node.args[0],))
         node.replace_all_uses_with(new_node)

@@ -40,7 +40,7 @@ def masked_model(arch: str, polynomial: bool, images: torch.Tensor, width: int, 
     for index, (_, site) in enumerate(fm.masked_sites(model)):
         kept_fraction = (0.3, 1.0, 0.0, 0.6)[index % 4]
         site.mask.copy_(torch.rand(site.mask.shape, generator=generator) < kept_fraction)
-        if polynomial:
+        if site.coeffs is not None:
             noise = 0.1 * torch.randn(site.coeffs.shape, generator=generator)
             site.coeffs.data = noise + torch.tensor([0.0, 1.0, 0.0])
     return batchnorm_statistics_from(model, images)

@@ -81,11 +81,15 @@ def test_make_polynomial_starts_at_the_identity():
         before = model(x)
     assert make_polynomial(model) is model
     assert model.fastmask_spec["polynomial"] is True
-    for site in ms.sites:
+    poly = [site for site in ms.sites if site.coeffs is not None]
+    # the ReLU after bn1 of every block takes one; the one after the residual add keeps the identity
+    assert [name.endswith("relu1") for name in ms.names] == [site.coeffs is not None for site in ms.sites]
+    assert len(poly) == 8 and all(site.normalized_input for site in poly)
+    for site in poly:
         assert isinstance(site.coeffs, nn.Parameter) and site.coeffs.shape == (site.shape[0], 3)
         assert site.coeffs.device == site.mask.device and site.coeffs.dtype == torch.float32
         assert torch.equal(site.coeffs, torch.tensor([[0.0, 1.0, 0.0]]).repeat(site.shape[0], 1))
-    assert {id(site.coeffs) for site in ms.sites} <= {id(p) for p in model.parameters()}
+    assert {id(site.coeffs) for site in poly} <= {id(p) for p in model.parameters()}
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     kept = [site.coeffs for site in ms.sites]
@@ -107,18 +111,48 @@ def test_fit_leaves_flags_and_masks_and_round_trips(tmp_path):
     report = fit_polynomial(model, x, batch_size=8)
     assert model.training and torch.equal(ms.flat(), masks)
     assert torch.equal(model.bn1.running_mean, running)  # eval mode: BN statistics untouched
-    assert len(report) == len(ms.sites) and all(r["mse_fit"] <= r["mse_identity"] + 1e-12 for r in report)
+    poly = [(name, site) for name, site in zip(ms.names, ms.sites, strict=True) if site.coeffs is not None]
+    assert [r["site"] for r in report] == [name for name, _ in poly] and len(poly) == 8
+    assert all(r["mse_fit"] <= r["mse_identity"] + 1e-12 for r in report)
     assert all(not torch.equal(site.coeffs, torch.tensor([[0.0, 1.0, 0.0]]).repeat(site.shape[0], 1))
-               for site in ms.sites)
+               for _, site in poly)
     save_model(model, tmp_path / "poly.safetensors")
     loaded = load_model(tmp_path / "poly.safetensors")
     assert loaded.fastmask_spec["polynomial"] is True
     for site, other in zip(ms.sites, fm.MaskSet(loaded).sites, strict=True):
-        assert torch.equal(site.coeffs, other.coeffs) and torch.equal(site.mask, other.mask)
+        assert torch.equal(site.mask, other.mask)
+        assert (site.coeffs is None and other.coeffs is None) or torch.equal(site.coeffs, other.coeffs)
     model.eval()
     loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_checkpoint_with_coefficients_after_the_residual_add_loads_them(tmp_path):
+    """Checkpoints written when every site took a polynomial load with every site's coefficients."""
+    torch.manual_seed(0)
+    model = make_polynomial(fm.models.create("resnet18", 10, 8, width=4))
+    site = model.layer2[1].relu2
+    site.coeffs = nn.Parameter(torch.tensor([[0.1, 0.9, 0.05]]).repeat(site.shape[0], 1))
+    fm.MaskSet(model).remove(fm.MaskSet(model).sample(600, torch.Generator().manual_seed(0)))
+    save_model(model, tmp_path / "old.safetensors")
+    loaded = load_model(tmp_path / "old.safetensors")
+    assert torch.equal(loaded.layer2[1].relu2.coeffs, site.coeffs) and loaded.layer2[0].relu2.coeffs is None
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_convert_gives_a_polynomial_only_after_a_batchnorm():
+    torchvision = pytest.importorskip("torchvision")
+    converted = fm.nn.convert(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32),
+                              polynomial=True)
+    sites = [site for _, site in fm.masked_sites(converted)]
+    # the stem's ReLU and each block's first follow a BatchNorm; each block's second follows the residual add
+    assert [site.normalized_input for site in sites] == [True] + [True, False] * 8
+    assert all((site.coeffs is not None) == site.normalized_input for site in sites)
 
 
 def test_bad_arguments():

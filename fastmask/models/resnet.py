@@ -22,7 +22,8 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(planes))
-        self.relu2 = MaskedReLU((planes, out_size, out_size), polynomial)
+        # after the residual add: its input is the (unnormalized) residual stream, so it keeps the identity
+        self.relu2 = MaskedReLU((planes, out_size, out_size), polynomial, normalized_input=False)
         self.out_size = out_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

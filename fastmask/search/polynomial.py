@@ -4,6 +4,12 @@ identity, initialised by least squares to relu on the channel's own pre-activati
 The identity is the best linear stand-in for relu only when inputs are mostly positive; a quadratic fitted to the
 channel's input distribution follows relu far closer (x^2 bends the way relu does), so each removal costs less and
 finetuning starts nearer the original function. The coefficients are learnable and finetuned with the weights.
+
+Only sites whose input is a normalization's output take the quadratic (MaskedReLU.normalized_input: in ResNet18
+the ReLU after bn1, not the one after the residual add; every site of the pre-activation WRN). A quadratic of the
+residual stream squares a sum that grows block after block: with three quarters of ResNet18's ReLUs removed at
+random and BN statistics re-estimated, quadratics at every site gave non-finite outputs, quadratics after bn1 alone a
+model more accurate than the identity's.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ SINGULAR_RATIO = 1e-10
 
 
 def make_polynomial(model: nn.Module) -> nn.Module:
-    """Gives every MaskedReLU without coefficients a learnable [C, 3] Parameter set to the identity (0, 1, 0), on its
-    mask's device, and marks the model's spec polynomial so checkpoints reload with them. Returns the model.
+    """Gives every MaskedReLU whose input is normalized (MaskedReLU.normalized_input) and that has no coefficients a
+    learnable [C, 3] Parameter set to the identity (0, 1, 0), on its mask's device, and marks the model's spec
+    polynomial so checkpoints reload with them. Returns the model. Sites after a residual add keep the identity.
 
     New Parameters are not in optimizers made before this call: make those after it.
     """
     for site in MaskSet(model).sites:
-        if site.coeffs is None:
+        if site.coeffs is None and site.normalized_input:
             channels = site.shape[0]
             identity = torch.tensor([IDENTITY], dtype=torch.float32, device=site.mask.device).repeat(channels, 1)
             site.coeffs = nn.Parameter(identity)
@@ -92,9 +99,10 @@ class _Moments:
 
 
 def fit_polynomial(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> list[dict]:
-    """Sets every site's coeffs to the per-channel least-squares fit of relu(x) ~ c0 + c1 x + c2 x^2 over that
-    channel's inputs (all its positions) on `images`; channels whose normal equations are singular (e.g. a constant
-    input) get the identity. Sites without coeffs get them first (make_polynomial).
+    """Sets every polynomial site's coeffs to the per-channel least-squares fit of relu(x) ~ c0 + c1 x + c2 x^2 over
+    that channel's inputs (all its positions) on `images`; channels whose normal equations are singular (e.g. a
+    constant input) get the identity. Sites get coeffs first where make_polynomial gives them; the others (after a
+    residual add) keep the identity and are not in the report.
 
     One forward pass in eval mode (flags restored) with the current masks and coefficients: a site's inputs are those
     the model feeds it now. The fit covers every position of a channel, kept or removed, since one set of coefficients
@@ -108,16 +116,17 @@ def fit_polynomial(model: nn.Module, images: torch.Tensor, batch_size: int = 512
     if MaskSet(model).carries_alphas():
         raise FastmaskError("fit_polynomial: the model still carries SNL alphas; binarize them first")
     make_polynomial(model)
-    mask_set = MaskSet(model)
+    named = [(name, site) for name, site in zip(MaskSet(model).names, MaskSet(model).sites, strict=True)
+             if site.coeffs is not None]
     device = _model_device(model)
-    moments = [_Moments(site.shape[0], device) for site in mask_set.sites]
+    moments = [_Moments(site.shape[0], device) for _, site in named]
 
     def hook_for(index: int):
         def hook(module, args):
             moments[index].add(args[0])
         return hook
 
-    handles = [site.register_forward_pre_hook(hook_for(i)) for i, site in enumerate(mask_set.sites)]
+    handles = [site.register_forward_pre_hook(hook_for(i)) for i, (_, site) in enumerate(named)]
     try:
         with _ScoringMode(model), torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
@@ -128,7 +137,7 @@ def fit_polynomial(model: nn.Module, images: torch.Tensor, batch_size: int = 512
 
     report = []
     with torch.no_grad():
-        for name, site, moment in zip(mask_set.names, mask_set.sites, moments, strict=True):
+        for (name, site), moment in zip(named, moments, strict=True):
             coeffs, solved = moment.solve()
             site.coeffs.copy_(coeffs.to(site.coeffs.dtype))
             identity = torch.tensor([IDENTITY], dtype=torch.float64, device=coeffs.device).expand_as(coeffs)
