@@ -116,8 +116,8 @@ def fit_polynomial(model: nn.Module, images: torch.Tensor, batch_size: int = 512
     if MaskSet(model).carries_alphas():
         raise FastmaskError("fit_polynomial: the model still carries SNL alphas; binarize them first")
     make_polynomial(model)
-    named = [(name, site) for name, site in zip(MaskSet(model).names, MaskSet(model).sites, strict=True)
-             if site.coeffs is not None]
+    mask_set = MaskSet(model)
+    named = [(name, site) for name, site in zip(mask_set.names, mask_set.sites, strict=True) if site.coeffs is not None]
     device = _model_device(model)
     moments = [_Moments(site.shape[0], device) for _, site in named]
 
