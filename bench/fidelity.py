@@ -160,6 +160,19 @@ def run(out: Path, settings: dict, quiet: bool = True, stop_after: Optional[str]
                             log=lambda message: print(f"[{out.name}] {message}", flush=True)).run(stop_after)
 
 
+def first_run_stop(arms: list[str]) -> Optional[str]:
+    """How far run 1 goes: whole when its rows are asked for, else only the start the arms asked for take from it
+    (its SNL@B_ref model, or its baseline alone for the arms that redo SNL from it)."""
+    if {"default", "default-absolute"} & set(arms):
+        return None
+    return "snl" if set(arms) - set(SETTLED_STARTS) - {"settled", "polynomial"} else "baseline"
+
+
+def spread(values: list[float]) -> float:
+    """The standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def finished(out: Path) -> dict:
     """The summary of a run done before."""
     return json.loads((out / "summary.json").read_text())
@@ -210,10 +223,7 @@ def main(argv=None) -> dict:
     rows, runs = [], {}
     for seed in seeds:
         root = out / args.scale / f"seed{seed}"
-        # Run 1 whole when its rows are asked for, else only the start the arms asked for take from it.
-        first = run(root / "identity", {**base, "seed": seed, "method": "both"},
-                    stop_after=None if {"default", "default-absolute"} & set(arms) else
-                    "snl" if set(arms) - set(SETTLED_STARTS) - {"settled", "polynomial"} else "baseline")
+        first = run(root / "identity", {**base, "seed": seed, "method": "both"}, stop_after=first_run_stop(arms))
         runs[f"seed{seed}/identity"] = first
         # run 1's SNL@B_ref model and its teacher: the start of the arms below
         from_first = {"model.checkpoint": str(root / "identity" / "snl" / "model.safetensors"),
@@ -237,9 +247,10 @@ def main(argv=None) -> dict:
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
         for arm, variant in lean_arms(args.scale, root).items():
             # settled's start alone when only the arms that start from it are asked for
-            stop_after = "snl" if arm == "settled" and arm not in arms else None
-            if arm not in arms and not (stop_after and set(SETTLED_STARTS) & set(arms)):
+            start_only = arm == "settled" and arm not in arms and bool(set(SETTLED_STARTS) & set(arms))
+            if arm not in arms and not start_only:
                 continue
+            stop_after = "snl" if start_only else None
             # an arm in SNL_FROM takes its SNL rows from that run when this seed has it (asked for now, or done
             # before), and runs its own SNL side (the same compute) when not
             snl_source = SNL_FROM.get(arm)
@@ -291,7 +302,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (arm, method, budget), group in groups.items():
         accs = [g["test_acc"] for g in group]
         table.append({"arm": arm, "method": method, "budget": budget, "seeds": len(group),
-                      "test_mean": statistics.fmean(accs), "test_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      "test_mean": statistics.fmean(accs), "test_std": spread(accs),
                       "val_mean": statistics.fmean(g["val_acc"] for g in group),
                       "train_images": statistics.fmean(g["train_images"] for g in group),
                       "forward_images": statistics.fmean(g["forward_images"] for g in group),
@@ -314,8 +325,8 @@ def gaps(rows: list[dict]) -> list[dict]:
     for (arm, budget), pairs in groups.items():
         test, val = [t for t, _ in pairs], [v for _, v in pairs]
         table.append({"arm": arm, "budget": budget, "seeds": len(pairs), "test_gaps": test, "val_gaps": val,
-                      "test_mean": statistics.fmean(test), "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
-                      "val_mean": statistics.fmean(val), "val_std": statistics.stdev(val) if len(val) > 1 else 0.0})
+                      "test_mean": statistics.fmean(test), "test_std": spread(test),
+                      "val_mean": statistics.fmean(val), "val_std": spread(val)})
     return sorted(table, key=lambda r: (-r["budget"], ARMS.index(r["arm"])))
 
 
