@@ -23,11 +23,14 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      continuous with its two candidates told apart by their loss on the scoring subset instead of their accuracy
      (bcd.criterion loss). These four spend, to every target, the images gradual spends, from its start and seed:
      their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
+  2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
+     polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
+     polynomial, --method both (its own SNL side, with the polynomial too);
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
-An arm asked for alone runs only the start it needs from the runs above it (run 1's baseline, settled's SNL@B_ref
-model), not their searches. Test accuracy is measured once per method and target; nothing is chosen on it. Writes
-fidelity_<scale>.md, .json and .png (or --name's) into --out; each run's own folder (report, models, steps) stays
-beside them.
+An arm asked for alone runs only the start it needs from the runs above it (run 1's baseline, settled's or
+settled-polynomial's SNL@B_ref model), not their searches. Test accuracy is measured once per method and target;
+nothing is chosen on it. Writes fidelity_<scale>.md, .json and .png (or --name's) into --out; each run's own folder
+(report, models, steps) stays beside them.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
-        "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "polynomial")
+        "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "settled-polynomial",
+        "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -102,6 +106,10 @@ def gradual_search(scale: dict) -> dict:
 
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss")
+# The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
+STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
+# Arms that need only run 1's baseline (they redo SNL to B_ref from it).
+FROM_BASELINE = ("settled", "settled-polynomial", "continuous-polynomial", "polynomial")
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
 # and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
@@ -118,10 +126,11 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
     gradual = {**settled_adam, **gradual_search(SCALES[scale])}
     gradual_absolute = {**gradual, "bcd.estimate": "absolute"}
     continuous = {**gradual_absolute, "finetune.step_schedule": "continuous"}
+    settled = {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
+               "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]}
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
-            "settled": {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
-                        "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]},
+            "settled": settled,
             # lean-adam from the settled arm's SNL@B_ref model (main runs settled first, and whenever it is asked for)
             "settled-adam": settled_adam,
             "gradual": gradual,
@@ -133,7 +142,13 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # continuous choosing between its candidates by the scoring subset's loss: with 2 candidates on 1,024
             # images both are scored on every image and the pick is the accuracy's, whose standard error (1.5
             # points) is above the candidates' difference; the loss is continuous. ADT then only names fallbacks.
-            "continuous-loss": {**continuous, "bcd.criterion": "loss"}}
+            "continuous-loss": {**continuous, "bcd.criterion": "loss"},
+            # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
+            # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
+            "settled-polynomial": {**settled, "replacement": "polynomial"},
+            "continuous-polynomial": {**continuous, "replacement": "polynomial",
+                                      "model.checkpoint": str(root / "settled-polynomial" / "snl" /
+                                                              "model.safetensors")}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,7 +180,7 @@ def first_run_stop(arms: list[str]) -> Optional[str]:
     (its SNL@B_ref model, or its baseline alone for the arms that redo SNL from it)."""
     if {"default", "default-absolute"} & set(arms):
         return None
-    return "snl" if set(arms) - set(SETTLED_STARTS) - {"settled", "polynomial"} else "baseline"
+    return "snl" if set(arms) - set(SETTLED_STARTS) - set(FROM_BASELINE) else "baseline"
 
 
 def spread(values: list[float]) -> float:
@@ -246,8 +261,8 @@ def main(argv=None) -> dict:
             runs[f"seed{seed}/finetuned"] = tuned
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
         for arm, variant in lean_arms(args.scale, root).items():
-            # settled's start alone when only the arms that start from it are asked for
-            start_only = arm == "settled" and arm not in arms and bool(set(SETTLED_STARTS) & set(arms))
+            # a start alone (settled's, settled-polynomial's) when only the arms that start from it are asked for
+            start_only = arm not in arms and bool(set(STARTS.get(arm, ())) & set(arms))
             if arm not in arms and not start_only:
                 continue
             stop_after = "snl" if start_only else None
@@ -353,7 +368,9 @@ def markdown(p: dict) -> str:
              "optimizer carried through the step finetunes at a constant lr; continuous-pool = continuous with "
              f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs; continuous-loss = continuous picking its "
              "candidate by loss, not accuracy (the SNL rows of the last four are "
-             "gradual's SNL run where the seed has one: the same start, seed and images). SNL goes from the same "
+             "gradual's SNL run where the seed has one: the same start, seed and images); settled-polynomial = "
+             "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
+             "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "
              "B_ref model straight to the target, then finetunes with what is left of the compute of the BCD "
              "run beside it (train + forward images). "
              f"Test standard error up to {p['test_standard_error_points_max']:.2f} points per seed.",

@@ -283,8 +283,9 @@ class Pipeline:
         return data.scoring_subset(self.dataset, self.config.bcd.score_subset, self.device, seed=self.config.seed)
 
     def replacement_stage(self) -> None:
-        """--replacement polynomial: every site gets per-channel coefficients, fitted by least squares to ReLU over
-        its inputs on the scoring subset, before SNL, so SNL's alpha phase and every finetune train them."""
+        """--replacement polynomial: every site whose input is a BatchNorm's output gets per-channel coefficients,
+        fitted by least squares to ReLU over its inputs on the scoring subset, before SNL, so SNL's alpha phase and
+        every finetune train them."""
         if self.config.replacement != "polynomial":
             return
         if any(site.coeffs is not None for site in MaskSet(self.model).sites):
