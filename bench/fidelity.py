@@ -108,8 +108,9 @@ def gradual_search(scale: dict) -> dict:
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
-# Arms that need only run 1's baseline (they redo SNL to B_ref from it).
-FROM_BASELINE = ("settled", "settled-polynomial", "continuous-polynomial", "polynomial")
+# Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
+# polynomial.
+FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "polynomial")
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
 # and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
@@ -180,7 +181,7 @@ def first_run_stop(arms: list[str]) -> Optional[str]:
     (its SNL@B_ref model, or its baseline alone for the arms that redo SNL from it)."""
     if {"default", "default-absolute"} & set(arms):
         return None
-    return "snl" if set(arms) - set(SETTLED_STARTS) - set(FROM_BASELINE) else "baseline"
+    return "snl" if set(arms) - set(FROM_BASELINE) else "baseline"
 
 
 def spread(values: list[float]) -> float:
