@@ -1,11 +1,12 @@
-"""Fidelity: the default search against SNL (and the paper's Algorithm 2) at low ReLU budgets, equal compute.
+"""Fidelity: BCD's searches against SNL (and the paper's Algorithm 2) at low ReLU budgets, equal compute.
 
     python bench/fidelity.py --data cifar10_subset.npz --scale small --seeds 0,1,2     # CPU: hours
     python bench/fidelity.py --data cifar10_subset.npz --scale smoke                   # minutes: checks the script
 
 Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
-  1. identity replacement, --method both: baseline -> SNL to B_ref -> from that SAME model, the default search
-     (BCD with its default proposal and scoring) through every target, and SNL straight to each target with the
+  1. identity replacement, --method both: baseline -> SNL to B_ref -> from that SAME model, the "default" arm:
+     fastmask's first default search (informed candidates, racing, a fresh SGD finetune per step; ARMS_DEFAULTS)
+     through every target, and SNL straight to each target with the
      same compute (images trained on + images pushed forward; SNL's alpha phase counted);
   2. the paper's Algorithm 2 (uniform candidates, exact scoring) from run 1's SNL@B_ref model and teacher;
      "default-absolute": run 1's BCD again with the absolute estimate (the default since), its SNL rows run 1's;
@@ -29,8 +30,9 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
   3. polynomial replacement, --method both, from run 1's baseline (SNL to B_ref is redone with the polynomial).
 An arm asked for alone runs only the start it needs from the runs above it (run 1's baseline, settled's or
 settled-polynomial's SNL@B_ref model), not their searches. Test accuracy is measured once per method and target;
-nothing is chosen on it. Writes fidelity_<scale>.md, .json and .png (or --name's) into --out; each run's own folder
-(report, models, steps) stays beside them.
+nothing is chosen on it. The continuous arm's settings are fastmask's defaults today (where they do not depend on
+the scale: DRC, scoring subset and finetune length are the scale's). Writes fidelity_<scale>.md, .json and .png
+(or --name's) into --out; each run's own folder (report, models, steps) stays beside them.
 """
 from __future__ import annotations
 
@@ -67,10 +69,15 @@ SCALES = {
              "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3, "bcd.score_subset": 0, "finetune.epochs": 1},
 }
 PAPER_SEARCH = {"bcd.proposal": "uniform", "bcd.scoring": "exact"}
+# fastmask's defaults when these arms were set up (the continuous arm's settings are the defaults since): every run
+# here starts from them, so each arm's settings, and its rows, stay what they were; an arm's own settings override
+# them. The finetune's None is the paper's recipe (SGD 1e-3 for resnet18).
+ARMS_DEFAULTS = {"bcd.rt": 50, "finetune.optimizer": None, "finetune.lr": None, "finetune.step_schedule": "fresh",
+                 "finetune.target_epochs": 0}
 # The arms before gradual-absolute (but default-absolute) rank informed candidates by the signed estimate, the
 # default when they ran.
 SIGNED = {"bcd.estimate": "signed"}
-# The "finetuned" arm: the default search plus this many finetune epochs whenever it lands on a target.
+# The "finetuned" arm: the first default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "settled-polynomial",
@@ -171,7 +178,7 @@ def run(out: Path, settings: dict, quiet: bool = True, stop_after: Optional[str]
     if (out / "summary.json").is_file():
         print(f"reusing {out}", flush=True)
         return finished(out)
-    config = validate(resolve({**settings, "out": str(out)}))
+    config = validate(resolve({**settings, "out": str(out)}, yaml_values=ARMS_DEFAULTS))
     return Pipeline.prepare(config, resume=out.exists(), progress=not quiet,
                             log=lambda message: print(f"[{out.name}] {message}", flush=True)).run(stop_after)
 
@@ -256,7 +263,7 @@ def main(argv=None) -> dict:
             runs[f"seed{seed}/default-absolute"] = absolute
             rows += bcd_rows(absolute, "default-absolute", seed) + shared_snl_rows(absolute, first,
                                                                                   "default-absolute", seed)
-        if "finetuned" in arms:  # the default search, finetuned at each target, and SNL with the same compute
+        if "finetuned" in arms:  # the first default search, finetuned at each target, and SNL with the same compute
             tuned = run(root / "finetuned", {**base, **from_first, "seed": seed, "method": "both",
                                              "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
             runs[f"seed{seed}/finetuned"] = tuned

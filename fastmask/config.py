@@ -1,10 +1,11 @@
 """The run config: one tree of dataclasses, and the single place each setting's name, default, type, help and check
 are written. fastmask-linearize's flags, the YAML reader, config.yaml and the validator are all derived from it.
 
-Precedence: field defaults <- preset <- YAML file <- flags. A preset is a named set of overrides: `paper` is the
-paper's Algorithm 2 exactly, `demo` the small offline run on the embedded digits data (picked when no preset is
-given and the dataset is digits). YAML takes the nested layout config.yaml is written in, or flat flag names
-(`snl_lr: 0.01`).
+Precedence: field defaults <- preset <- YAML file <- flags. The field defaults are the search that came out closest
+to SNL in bench/FIDELITY.md (informed candidates, racing, two candidates a step, one Adam carried through the step
+finetunes, a finetune at each target). A preset is a named set of overrides: `paper` is the paper's Algorithm 2
+exactly, `demo` the small offline run on the embedded digits data (picked when no preset is given and the dataset
+is digits). YAML takes the nested layout config.yaml is written in, or flat flag names (`snl_lr: 0.01`).
 """
 from __future__ import annotations
 
@@ -127,12 +128,15 @@ class SNLConfig:
 
 @dataclass
 class BCDConfig:
-    """The paper's Algorithm 2: drc/rt/adt as in the paper; adt is in accuracy points (or loss units for loss)."""
+    """The search: drc/rt/adt as in the paper's Algorithm 2 (rt's default is not the paper's); adt is in accuracy
+    points (or loss units for loss)."""
 
     targets: Optional[list[int]] = setting(None, "ReLU budgets, strictly descending, e.g. 20000,15000 or 20k,15k",
                                            kind=budgets, check=descending_non_negative)
     drc: int = setting(100, "ReLUs removed per BCD step", kind=whole, check=positive)
-    rt: int = setting(50, "candidates tried per step", kind=whole, check=positive)
+    # 2, not the paper's 50: at equal compute the forwards a wide search spends buy more as training between
+    # removals (bench/FIDELITY.md, the gradual and continuous arms); --preset paper restores 50.
+    rt: int = setting(2, "candidates tried per step (the paper's: 50)", kind=whole, check=positive)
     adt: float = setting(0.3, "accuracy degradation tolerance, accuracy points (loss units for --criterion loss)",
                          kind=number, check=non_negative)
     criterion: str = setting("accuracy", "drop measured in accuracy or in loss", choices=CRITERIA)
@@ -174,20 +178,23 @@ class BCDConfig:
 class FinetuneConfig:
     epochs: Optional[int] = setting(None, "finetune epochs per BCD step (default: the paper's 20, or 5 on "
                                           "tinyimagenet)", kind=whole, check=positive)
-    optimizer: Optional[str] = setting(None, "every finetune's optimizer (BCD steps, after SNL, SNL to a target); "
-                                             "default: sgd for resnet, adam for wide resnets (the paper's)",
+    # Adam at 1e-3 is SNL's alpha-phase optimizer, which trains the weights through its removals; given to every
+    # finetune of both methods it lifted BCD more than SGD at 1e-3 or 1e-2 did (bench/FIDELITY.md, lean-adam).
+    optimizer: Optional[str] = setting("adam", "every finetune's optimizer (BCD steps, after SNL, SNL to a target); "
+                                               "null: the paper's, sgd for resnet and adam for wide resnets",
                                        choices=OPTIMIZERS)
-    lr: Optional[float] = setting(None, "every finetune's lr; default: 1e-3 for sgd, 3.5e-5 for adam (the paper's)",
-                                  kind=number, check=positive)
+    lr: Optional[float] = setting(1e-3, "every finetune's lr (SNL's alpha-phase lr); null: the paper's, 1e-3 for "
+                                        "sgd and 3.5e-5 for adam", kind=number, check=positive)
     max_steps: Optional[int] = setting(None, "at most this many optimizer steps in each BCD step's finetune (a "
                                              "fraction of an epoch)", kind=whole, check=positive)
-    step_schedule: str = setting("fresh", "BCD's step finetunes: fresh (a new optimizer and a cosine from lr to 0 "
-                                          "each step, the paper's) or continuous (one optimizer carried from step to "
-                                          "step at a constant lr, training through the removals as SNL's alpha "
-                                          "phase does; the target finetune stays fresh)", choices=STEP_SCHEDULES)
-    target_epochs: int = setting(0, "finetune epochs when BCD lands on a target, before the target is measured and "
-                                    "saved (counted in its compute; the search goes on from the finetuned model)",
-                                 kind=whole, check=non_negative)
+    step_schedule: str = setting("continuous", "BCD's step finetunes: continuous (one optimizer carried from step to "
+                                               "step at a constant lr, training through the removals as SNL's alpha "
+                                               "phase does; the target finetune stays fresh) or fresh (a new "
+                                               "optimizer and a cosine from lr to 0 each step, the paper's)",
+                                 choices=STEP_SCHEDULES)
+    target_epochs: int = setting(10, "finetune epochs when BCD lands on a target, before the target is measured and "
+                                     "saved (counted in its compute; the search goes on from the finetuned model; "
+                                     "the paper's: 0)", kind=whole, check=non_negative)
 
     def epochs_for(self, dataset: str) -> int:
         if self.epochs is not None:
@@ -227,13 +234,14 @@ PRESETS: dict[str, dict[str, Any]] = {
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3,
               "bcd.criterion": "accuracy", "bcd.score_subset": 0, "bcd.proposal": "uniform",
               "bcd.scoring": "exact", "replacement": "identity", "method": "bcd", "finetune.target_epochs": 0,
-              "finetune.step_schedule": "fresh"},
+              "finetune.step_schedule": "fresh", "finetune.optimizer": None, "finetune.lr": None,
+              "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.
     # ADT is 2 points because the ~1,300-image train split's standard error at ~90% accuracy is ~0.8 points: below
     # 2 standard errors candidates would be picked on noise. SNL's lr and lambda0 are 10x and 100x SNL's: an epoch
     # here is only 11 steps, and Adam moves an alpha by about lr per step.
     "demo": {"data.dataset": "digits", "model.arch": "resnet18", "model.width": 8, "snl.ref_budget": 3000,
-             "bcd.targets": [2000, 1200], "bcd.drc": 200, "bcd.rt": 8, "bcd.adt": 2.0, "finetune.epochs": 1,
+             "bcd.targets": [2000, 1200], "bcd.drc": 200, "bcd.adt": 2.0, "finetune.epochs": 1,
              "baseline.epochs": 15, "snl.epochs": 15, "snl.lr": 1e-2, "snl.lambda0": 1e-3,
              "snl.finetune_epochs": 3, "out": "fastmask_runs/digits"},
 }

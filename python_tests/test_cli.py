@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import fastmask as fm
-from fastmask import cli
+from fastmask import cli, train
 from fastmask import config as settings
 from fastmask.checkpoint import save_model
 from fastmask.pipeline import Pipeline
@@ -19,7 +19,7 @@ from fastmask.pipeline import Pipeline
 # digits at width 4: 7,680 ReLUs; everything tiny so a whole run takes seconds.
 TINY = ["--width", "4", "--baseline-epochs", "1", "--ref-budget", "3000", "--targets", "2600,2200", "--drc", "400",
         "--rt", "2", "--finetune-epochs", "1", "--snl-epochs", "1", "--snl-finetune-epochs", "0",
-        "--score-subset", "128", "--adt", "5", "--quiet"]
+        "--score-subset", "128", "--adt", "5", "--finetune-target-epochs", "1", "--quiet"]
 
 
 def snapshot(folder: Path) -> dict:
@@ -99,8 +99,8 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "ref-budget": "9000", "snl-epochs": "11", "snl-lr": "0.002", "snl-lambda0": "0.0003",
           "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",
           "targets": "8k,5000", "drc": "17", "rt": "19", "adt": "0.7", "criterion": "loss", "score-subset": "333",
-          "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "adam", "finetune-lr": "0.0002",
-          "finetune-max-steps": "9", "finetune-step-schedule": "continuous",
+          "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "sgd", "finetune-lr": "0.0002",
+          "finetune-max-steps": "9", "finetune-step-schedule": "fresh",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "estimate": "signed", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
@@ -139,6 +139,21 @@ def test_paper_preset_is_algorithm_2():
         ("uniform", "exact", "identity", "bcd")
     assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
     assert (config.snl.lr, config.snl.lambda0, config.snl.finetune_epochs) == (1e-3, 1e-5, 100)
+    assert (config.finetune.step_schedule, config.finetune.target_epochs) == ("fresh", 0)
+    # the paper's finetune recipe per architecture: SGD 1e-3 for resnet18, Adam 3.5e-5 for WRN-22-8
+    f = config.finetune
+    recipes = {arch: train.finetune_config(arch, f.epochs_for("cifar10"), lr=f.lr, optimizer=f.optimizer)
+               for arch in ("resnet18", "wide_resnet22_8")}
+    assert [(r.optimizer, r.lr, r.epochs) for r in recipes.values()] == [("sgd", 1e-3, 20), ("adam", 3.5e-5, 20)]
+
+
+def test_the_default_search_is_the_one_measured_best():
+    """bench/FIDELITY.md's continuous arm, where its settings do not depend on the scale."""
+    config, _, _ = cli.parse(["--dataset", "cifar10", "--targets", "15000"])
+    b, f = config.bcd, config.finetune
+    assert (b.proposal, b.estimate, b.scoring, b.rt, b.adt) == ("informed", "absolute", "race", 2, 0.3)
+    assert (f.optimizer, f.lr, f.step_schedule, f.target_epochs) == ("adam", 1e-3, "continuous", 10)
+    assert (b.drc, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == (100, 0, 20, 100)
 
 
 def test_warnings_are_one_line_and_the_printer_is_restored(capsys):
@@ -214,9 +229,9 @@ def test_continuous_step_finetunes_write_their_optimizer_into_the_state(tmp_path
     from safetensors import safe_open
 
     with safe_open(str(out / "checkpoints" / "last.pt"), framework="pt") as f:
-        momentum = [k for k in f.keys() if k.startswith("optimizer.") and k.endswith(".momentum_buffer")]
+        moments = [k for k in f.keys() if k.startswith("optimizer.") and k.endswith(".exp_avg_sq")]  # Adam's
         state = json.loads(f.metadata()["bcd_state"])
-    assert momentum and state["config"]["step_schedule"] == "continuous"
+    assert moments and state["config"]["step_schedule"] == "continuous"
     assert [t["budget"] for t in state["targets"]] == [2600, 2200]
 
 

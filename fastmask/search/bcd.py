@@ -352,17 +352,22 @@ class BCD:
 
 # ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
 def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, seed: int = 0,
-            finetune_config=None, finetune_max_steps: Optional[int] = None, target_finetune_epochs: int = 0,
-            step_schedule: str = "fresh",
+            finetune_config=None, finetune_max_steps: Optional[int] = None,
+            target_finetune_epochs: Optional[int] = None, step_schedule: Optional[str] = None,
             teacher: Optional[nn.Module] = None, resume: bool = False, on_step=None, progress: bool = True,
             log: Callable[[str], None] = print, group: Optional[Group] = None) -> BCDResult:
     """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
     step, so a resumed run repeats the same shuffles), evaluates each target on val and test. step_schedule
-    "continuous": the step finetunes share one optimizer at a constant lr; the target finetune is always fresh."""
+    "continuous": the step finetunes share one optimizer at a constant lr; the target finetune is always fresh.
+    What is not given follows fastmask.config.FinetuneConfig's defaults, as the CLI does."""
     from .. import data, train
 
+    defaults = FinetuneConfig()
     if finetune_config is None:
-        finetune_config = train.finetune_config(model_spec(model)["arch"], FinetuneConfig().epochs_for(dataset.name))
+        finetune_config = train.finetune_config(model_spec(model)["arch"], defaults.epochs_for(dataset.name),
+                                                lr=defaults.lr, optimizer=defaults.optimizer)
+    target_finetune_epochs = defaults.target_epochs if target_finetune_epochs is None else target_finetune_epochs
+    step_schedule = defaults.step_schedule if step_schedule is None else step_schedule
     model.to(device)
     images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
     if step_schedule not in STEP_SCHEDULES:
