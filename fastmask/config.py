@@ -181,10 +181,12 @@ class FinetuneConfig:
     # Adam at 1e-3 is SNL's alpha-phase optimizer, which trains the weights through its removals; given to every
     # finetune of both methods it lifted BCD more than SGD at 1e-3 or 1e-2 did (bench/FIDELITY.md, lean-adam).
     optimizer: Optional[str] = setting("adam", "every finetune's optimizer (BCD steps, after SNL, SNL to a target); "
-                                               "null: the paper's, sgd for resnet and adam for wide resnets",
+                                               "null (YAML, or --preset paper): the paper's, sgd for resnet and adam "
+                                               "for wide resnets",
                                        choices=OPTIMIZERS)
-    lr: Optional[float] = setting(1e-3, "every finetune's lr (SNL's alpha-phase lr); null: the paper's, 1e-3 for "
-                                        "sgd and 3.5e-5 for adam", kind=number, check=positive)
+    lr: Optional[float] = setting(1e-3, "every finetune's lr (SNL's alpha-phase lr); null (YAML, or --preset "
+                                        "paper): the paper's, 1e-3 for sgd and 3.5e-5 for adam", kind=number,
+                                  check=positive)
     max_steps: Optional[int] = setting(None, "at most this many optimizer steps in each BCD step's finetune (a "
                                              "fraction of an epoch)", kind=whole, check=positive)
     step_schedule: str = setting("continuous", "BCD's step finetunes: continuous (one optimizer carried from step to "
