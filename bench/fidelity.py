@@ -6,8 +6,8 @@
 Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
   1. identity replacement, --method both: baseline -> SNL to B_ref -> from that SAME model, the "default" arm:
      fastmask's first default search (informed candidates, racing, a fresh SGD finetune per step; ARMS_DEFAULTS)
-     through every target, and SNL straight to each target with the
-     same compute (images trained on + images pushed forward; SNL's alpha phase counted);
+     through every target, and SNL straight to each target with the same compute (images trained on + images
+     pushed forward; SNL's alpha phase counted);
   2. the paper's Algorithm 2 (uniform candidates, exact scoring) from run 1's SNL@B_ref model and teacher;
      "default-absolute": run 1's BCD again with the absolute estimate (the default since), its SNL rows run 1's;
   2b. "finetuned": run 1 again from its SNL@B_ref model, with a finetune whenever BCD lands on a target
