@@ -134,6 +134,11 @@ class BCDConfig:
     targets: Optional[list[int]] = setting(None, "ReLU budgets, strictly descending, e.g. 20000,15000 or 20k,15k",
                                            kind=budgets, check=descending_non_negative)
     drc: int = setting(100, "ReLUs removed per BCD step", kind=whole, check=positive)
+    # A fixed DRC removes a growing share of what is left as the count falls (300 of 6,000 is 5%, of 1,800 17%);
+    # a fraction keeps each step's share the same on every leg.
+    drc_fraction: float = setting(0.0, "remove about this fraction of the present ReLUs per step instead of DRC, in "
+                                       "equal ratios that land on each target (0: DRC ReLUs per step)",
+                                  kind=number, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     # 2, not the paper's 50: at equal compute the forwards a wide search spends buy more as training between
     # removals (bench/FIDELITY.md, the gradual and continuous arms); --preset paper restores 50.
     rt: int = setting(2, "candidates tried per step (the paper's: 50)", kind=whole, check=positive)
@@ -233,8 +238,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Algorithm 2 as the paper runs it on CIFAR (TinyImageNet: 5 finetune epochs per step, see FinetuneConfig). Its
     # values are pinned here on purpose, even where today's defaults agree: the preset must not move with them.
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
-              "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.rt": 50, "bcd.adt": 0.3,
-              "bcd.criterion": "accuracy", "bcd.score_subset": 0, "bcd.proposal": "uniform",
+              "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
+              "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
+              "bcd.proposal": "uniform",
               "bcd.scoring": "exact", "replacement": "identity", "method": "bcd", "finetune.target_epochs": 0,
               "finetune.step_schedule": "fresh", "finetune.optimizer": None, "finetune.lr": None,
               "finetune.epochs": None},

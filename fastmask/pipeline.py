@@ -364,7 +364,9 @@ class Pipeline:
             report.write_steps_csv(self.out / "steps.csv", driver.history)
 
         self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
-                 f"{', '.join(map(str, b.targets))}; DRC {b.drc}, RT {b.rt}, ADT {b.adt} ({b.criterion}), "
+                 f"{', '.join(map(str, b.targets))}; "
+                 + (f"{b.drc_fraction:g} of the ReLUs per step" if b.drc_fraction else f"DRC {b.drc}")
+                 + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
                  + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"
                     else "")

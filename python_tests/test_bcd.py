@@ -90,6 +90,53 @@ def test_plan_removal_takes_exactly_what_is_left():
     assert bcd.plan_removal(350, [700, 300], 500) == (300, 50)
 
 
+@pytest.mark.parametrize("start,targets,fraction", [(6000, [3000, 1500], 0.1), (6000, [3000, 1500], 0.09),
+                                                    (960, [700, 455, 300], 0.2), (1000, [999], 0.5),
+                                                    (5439488, [15000], 0.05)])
+def test_a_drc_fraction_cuts_each_leg_into_equal_ratios_of_at_most_that_share(start, targets, fraction):
+    count, legs, steps = start, [], []
+    while count > targets[-1]:
+        target, remove = bcd.plan_removal(count, targets, drc=1, fraction=fraction)
+        assert 1 <= remove <= count - target and remove <= max(1, round(fraction * count)) + 1
+        steps.append(count - remove)
+        count -= remove
+        if count == target:
+            legs.append(steps)
+            steps = []
+    assert [leg[-1] for leg in legs] == targets  # every target is landed on
+    leg_start = start
+    for leg, target in zip(legs, targets):
+        # the fewest steps of at most the fraction: one fewer would need a larger share
+        assert len(leg) == max(1, math.ceil(math.log(leg_start / target) / -math.log1p(-fraction) - 1e-9))
+        ratios = [b / a for a, b in zip([leg_start, *leg[:-1]], leg)]
+        assert max(ratios) - min(ratios) < 2 / target + 1e-9  # equal ratios up to rounding to whole ReLUs
+        leg_start = target
+
+
+def test_a_drc_fraction_reaches_a_zero_budget():
+    count, taken = 100, 0
+    while count > 0:
+        target, remove = bcd.plan_removal(count, [0], drc=1, fraction=0.3)
+        count, taken = count - remove, taken + 1
+    assert count == 0 and taken < 100
+
+
+def test_the_driver_removes_a_drc_fraction_per_step(tmp_path, data):
+    images, labels = data
+    model = tiny_model()
+    start = MaskSet(model).count()
+    driver = BCD(model, BCDConfig(targets=[700, 455], drc=1, rt=2, drc_fraction=0.2), images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda m: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    expected, count = [], start
+    while count > 455:
+        count -= bcd.plan_removal(count, [700, 455], 1, 0.2)[1]
+        expected.append(count)
+    assert [r["budget_after"] for r in result.history] == expected
+    assert [t["budget"] for t in result.targets] == [700, 455] and MaskSet(model).count() == 455
+
+
 def test_count_lands_exactly_on_every_target_and_each_is_saved(tmp_path, data):
     model, result = run_driver(tmp_path, data)
     assert MaskSet(model).count() == 300
@@ -263,14 +310,16 @@ def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch
     assert torch.equal(costs, absolute_costs) is (estimate == "absolute")
 
 
-def test_a_state_from_before_the_estimate_and_step_schedule_settings_resumes_as_signed_and_fresh(tmp_path, data):
+def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_resumes_as_their_old_values(tmp_path,
+                                                                                                        data):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     images, labels = data
 
-    def driver(estimate: str) -> BCD:
-        return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate), images, labels,
+    def driver(estimate: str, drc_fraction: float = 0.0) -> BCD:
+        return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
+                                           drc_fraction=drc_fraction), images, labels,
                    sgd_finetune(images, labels), tmp_path, log=lambda m: None)
 
     with pytest.warns(RuntimeWarning):
@@ -279,11 +328,13 @@ def test_a_state_from_before_the_estimate_and_step_schedule_settings_resumes_as_
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    del state["config"]["estimate"], state["config"]["step_schedule"]
+    del state["config"]["estimate"], state["config"]["step_schedule"], state["config"]["drc_fraction"]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
     with pytest.raises(FastmaskError, match="another run"):
         driver("absolute").run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("signed", drc_fraction=0.1).run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

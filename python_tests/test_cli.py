@@ -57,6 +57,7 @@ def fails(argv, capsys, other_run, expected: str) -> None:
     (["--targets", "3500"], "at or above the reference budget"),
     (["--drc", "0"], "drc must be > 0"),
     (["--rt", "-2"], "rt must be > 0"),
+    (["--drc-fraction", "1"], "drc-fraction must be in [0, 1)"),
     (["--finetune-epochs", "0"], "finetune-epochs must be > 0"),
     (["--adt", "-0.5"], "adt must be >= 0"),
     (["--targets", "1000,2000"], "strictly descending"),
@@ -135,6 +136,7 @@ def test_paper_preset_is_algorithm_2():
     config, _, _ = cli.parse(["--preset", "paper", "--dataset", "cifar10", "--targets", "15000"])
     assert (config.bcd.drc, config.bcd.rt, config.bcd.adt, config.bcd.criterion, config.bcd.score_subset) == \
         (100, 50, 0.3, "accuracy", 0)
+    assert config.bcd.drc_fraction == 0  # DRC ReLUs per step, not a share
     assert (config.bcd.proposal, config.bcd.scoring, config.replacement, config.method) == \
         ("uniform", "exact", "identity", "bcd")
     assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
@@ -153,7 +155,8 @@ def test_the_default_search_is_the_one_measured_best():
     b, f = config.bcd, config.finetune
     assert (b.proposal, b.estimate, b.scoring, b.rt, b.adt) == ("informed", "absolute", "race", 2, 0.3)
     assert (f.optimizer, f.lr, f.step_schedule, f.target_epochs) == ("adam", 1e-3, "continuous", 10)
-    assert (b.drc, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == (100, 0, 20, 100)
+    assert (b.drc, b.drc_fraction, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == \
+        (100, 0, 0, 20, 100)
 
 
 def test_warnings_are_one_line_and_the_printer_is_restored(capsys):

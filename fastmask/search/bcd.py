@@ -62,10 +62,19 @@ def choose(scores, reference: tuple[float, float], criterion: str) -> tuple[int,
     return min(scored, key=lambda i: (float(drops[i]), float(scores.loss[i]), i)), True
 
 
-def plan_removal(count: int, targets: Sequence[int], drc: int) -> tuple[int, int]:
-    """(next target, ReLUs to remove this step): DRC, or exactly what is left so the count lands on the target."""
+def plan_removal(count: int, targets: Sequence[int], drc: int, fraction: float = 0.0) -> tuple[int, int]:
+    """(next target, ReLUs to remove this step): DRC, or exactly what is left so the count lands on the target.
+    With a fraction, the leg to the next target is cut into the fewest steps of at most that share of the count,
+    all in the same ratio: each step removes count * (1 - (target / count) ** (1 / steps))."""
     target = next(t for t in targets if t < count)
-    return target, min(int(drc), count - int(target))
+    if fraction <= 0:
+        return target, min(int(drc), count - int(target))
+    if target == 0:  # no ratio reaches 0: steps of the fraction, then what is left
+        return target, max(1, min(round(fraction * count), count))
+    # the tolerance keeps a leg of exactly k steps' ratio at k, not k + 1, through float rounding
+    steps = max(1, math.ceil(math.log(count / target) / -math.log1p(-fraction) - 1e-9))
+    remove = round(count * -math.expm1(math.log(target / count) / steps))
+    return target, max(1, min(remove, count - int(target)))
 
 
 # ---- the state file ----------------------------------------------------------------------------------------------
@@ -175,7 +184,8 @@ class BCD:
     def fingerprint(self) -> dict:
         """What must match for --resume to continue the same run."""
         c = self.config
-        return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "rt": int(c.rt), "adt": float(c.adt),
+        return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "drc_fraction": float(c.drc_fraction),
+                "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
                 "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
@@ -188,8 +198,8 @@ class BCD:
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
-        # states from before these settings: the signed estimate, fresh step finetunes
-        saved = {"estimate": "signed", "step_schedule": "fresh", **state["config"]}
+        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC
+        saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -228,7 +238,7 @@ class BCD:
 
     def _one_step(self, count: int) -> None:
         config, step = self.config, self.step + 1
-        target, remove = plan_removal(count, config.targets, config.drc)
+        target, remove = plan_removal(count, config.targets, config.drc, config.drc_fraction)
         last_good = copy.deepcopy(self.model.state_dict())
 
         t0 = time.perf_counter()
