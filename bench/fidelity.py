@@ -22,7 +22,9 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      (finetune.step_schedule), as SNL's alpha phase trains through its removals; "continuous-pool": continuous with
      candidates drawn from the 1.5 x DRC cheapest ReLUs instead of 4 x DRC (CONTINUOUS_POOL); "continuous-loss":
      continuous with its two candidates told apart by their loss on the scoring subset instead of their accuracy
-     (bcd.criterion loss). These four spend, to every target, the images gradual spends, from its start and seed:
+     (bcd.criterion loss); "continuous-geometric": continuous removing the same share of what is left at every
+     step (bcd.drc_fraction) instead of a fixed 300, so the leg to 1,500 takes as many steps as the leg to 3,000
+     (geometric_search). These five spend, to every target, no more images than gradual does, from its start and seed:
      their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
@@ -50,8 +52,11 @@ sys.path.insert(0, str(REPO))
 from fastmask import report  # noqa: E402
 from fastmask.config import resolve, validate  # noqa: E402
 from fastmask.pipeline import Pipeline  # noqa: E402
+from fastmask.search.bcd import plan_removal  # noqa: E402
+from fastmask.train import TrainConfig  # noqa: E402
 
-# Run settings per scale, as fastmask.config paths. finetune.max_steps is per BCD step (batch 128).
+# Run settings per scale, as fastmask.config paths. finetune.max_steps is per BCD step (of BATCH images).
+BATCH = TrainConfig.batch_size
 SCALES = {
     # a few minutes: checks that the script runs end to end, numbers mean nothing
     "smoke": {"model.width": 8, "baseline.epochs": 1, "snl.ref_budget": 8000, "bcd.targets": [7000, 6000],
@@ -80,8 +85,8 @@ SIGNED = {"bcd.estimate": "signed"}
 # The "finetuned" arm: the first default search plus this many finetune epochs whenever it lands on a target.
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
-        "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "settled-polynomial",
-        "continuous-polynomial", "polynomial")
+        "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
+        "settled-polynomial", "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -111,20 +116,50 @@ def gradual_search(scale: dict) -> dict:
     return search
 
 
+def geometric_search(scale: dict) -> dict:
+    """The "continuous-geometric" arm's search: gradual's, removing GEOMETRIC_FRACTION of the ReLUs per step, with as
+    many finetune steps per BCD step as gradual's images to every target allow (a step trains on its finetune
+    batches and on the scoring subset, for the estimate): small scale, 14 BCD steps of 39 instead of 15 of 36."""
+    gradual = {**scale, **gradual_search(scale)}
+    search = {"bcd.drc_fraction": GEOMETRIC_FRACTION}
+    if not gradual.get("finetune.max_steps"):  # whole epochs per step: fewer steps spend fewer images
+        return search
+    targets = gradual["bcd.targets"]
+
+    def steps_to_each_target(drc: int, fraction: float) -> list[int]:
+        count, steps, taken = gradual["snl.ref_budget"], [], 0
+        while count > targets[-1]:
+            target, remove = plan_removal(count, targets, drc, fraction)
+            count, taken = count - remove, taken + 1
+            if count == target:
+                steps.append(taken)
+        return steps
+
+    estimate = gradual["bcd.score_subset"]
+    per_step = gradual["finetune.max_steps"] * BATCH + estimate
+    fixed, geometric = steps_to_each_target(gradual["bcd.drc"], 0.0), steps_to_each_target(0, GEOMETRIC_FRACTION)
+    search["finetune.max_steps"] = min((f * per_step // g - estimate) // BATCH for f, g in zip(fixed, geometric))
+    return search
+
+
 # Arms that start from the settled arm's SNL@B_ref model.
-SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss")
+SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
+                  "continuous-geometric")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
 # polynomial.
 FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "polynomial")
-# Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends the same train
-# and forward images to every target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
+# Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends no more train
+# and forward images to any target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
-            "continuous-loss": "gradual"}
+            "continuous-loss": "gradual", "continuous-geometric": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
+# The "continuous-geometric" arm's share of the ReLUs removed per step (fixed before its run): at the small scale it
+# cuts 6,000 -> 3,000 -> 1,500 into 7 + 7 steps (continuous: 10 + 5, the last 300 being 17% of the 1,800 left).
+GEOMETRIC_FRACTION = 0.1
 
 
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
@@ -151,6 +186,7 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # images both are scored on every image and the pick is the accuracy's, whose standard error (1.5
             # points) is above the candidates' difference; the loss is continuous. ADT then only names fallbacks.
             "continuous-loss": {**continuous, "bcd.criterion": "loss"},
+            "continuous-geometric": {**continuous, **geometric_search(SCALES[scale])},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -223,12 +259,13 @@ def snl_rows(summary: dict, arm: str, seed: int) -> list[dict]:
 
 
 def shared_snl_rows(summary: dict, snl_run: dict, arm: str, seed: int) -> list[dict]:
-    """SNL's rows of `snl_run` for an arm that spent the same images to every target (else RuntimeError)."""
+    """SNL's rows of `snl_run` for an arm that spent no more images (train, and forward) to any target than the BCD
+    of `snl_run` did, so SNL's compute is at least BCD's (else RuntimeError)."""
     theirs = {t["budget"]: t for t in snl_run.get("targets", [])}
     for t in summary.get("targets", []):
         other = theirs.get(t["budget"])
-        if other is None or any(t[k] != other[k] for k in ("train_images", "forward_images")):
-            raise RuntimeError(f"{arm} spent other images than {snl_run['config']['out']} to {t['budget']} ReLUs: "
+        if other is None or any(t[k] > other[k] for k in ("train_images", "forward_images")):
+            raise RuntimeError(f"{arm} spent more images than {snl_run['config']['out']} to {t['budget']} ReLUs: "
                                "its SNL side must run (take it out of SNL_FROM)")
     return snl_rows(snl_run, arm, seed)
 
