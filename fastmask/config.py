@@ -240,10 +240,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform",
-              "bcd.scoring": "exact", "replacement": "identity", "method": "bcd", "finetune.target_epochs": 0,
-              "finetune.step_schedule": "fresh", "finetune.optimizer": None, "finetune.lr": None,
-              "finetune.epochs": None},
+              "bcd.proposal": "uniform", "bcd.scoring": "exact", "replacement": "identity", "method": "bcd",
+              "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
+              "finetune.lr": None, "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.
     # ADT is 2 points because the ~1,300-image train split's standard error at ~90% accuracy is ~0.8 points: below
     # 2 standard errors candidates would be picked on noise. SNL's lr and lambda0 are 10x and 100x SNL's: an epoch
