@@ -106,10 +106,12 @@ def test_a_drc_fraction_cuts_each_leg_into_equal_ratios_of_at_most_that_share(st
     assert [leg[-1] for leg in legs] == targets  # every target is landed on
     leg_start = start
     for leg, target in zip(legs, targets):
-        # the fewest steps of at most the fraction: one fewer would need a larger share
-        assert len(leg) == max(1, math.ceil(math.log(leg_start / target) / -math.log1p(-fraction) - 1e-9))
         ratios = [b / a for a, b in zip([leg_start, *leg[:-1]], leg)]
         assert max(ratios) - min(ratios) < 2 / target + 1e-9  # equal ratios up to rounding to whole ReLUs
+        # the fewest such steps: this many keep each share within the fraction, one fewer would not
+        assert (target / leg_start) ** (1 / len(leg)) >= 1 - fraction - 1e-9
+        if len(leg) > 1:
+            assert (target / leg_start) ** (1 / (len(leg) - 1)) < 1 - fraction
         leg_start = target
 
 
