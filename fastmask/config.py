@@ -23,6 +23,7 @@ METHODS = ("bcd", "snl", "both")
 REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
 ESTIMATES = ("signed", "absolute")
+QUOTAS = ("none", "proportional")
 SCORINGS = ("exact", "race")
 STEP_SCHEDULES = ("fresh", "continuous")
 
@@ -162,6 +163,11 @@ class BCDConfig:
     # lean cheap but still explore the whole pool.
     temperature: float = setting(0.5, "informed: sampling temperature inside the pool, in units of its cost "
                                       "spread (inf: uniform in the pool)", kind=number, check=positive)
+    # The estimate alone shifts the sites' shares away from the start's (SNL's) towards the early layers; a quota
+    # keeps each site's share and lets the estimate choose within it (bench/FIDELITY.md, continuous-quota).
+    quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
+                                 "every step's removals in proportion to its present ReLUs; informed candidates are "
+                                 "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
     scoring: str = setting("race", "exact: the paper's rule (first candidate under ADT, all images); race: "
                                    "successive halving on growing slices, survivors scored on every image",
                            choices=SCORINGS)
@@ -240,7 +246,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform", "bcd.scoring": "exact", "replacement": "identity", "method": "bcd",
+              "bcd.proposal": "uniform", "bcd.quota": "none", "bcd.scoring": "exact", "replacement": "identity",
+              "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.

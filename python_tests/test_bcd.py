@@ -16,7 +16,7 @@ import fastmask as fm
 from fastmask import train as training
 from fastmask.errors import FastmaskError
 from fastmask.masks import MaskSet
-from fastmask.search import bcd, racing, scoring
+from fastmask.search import bcd, proposal, racing, scoring
 from fastmask.search.bcd import BCD, BCDConfig
 
 # The paper's Algorithm 2: uniform candidates, scored exactly in order with its stop rule.
@@ -312,6 +312,22 @@ def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch
     assert torch.equal(costs, absolute_costs) is (estimate == "absolute")
 
 
+@pytest.mark.parametrize("proposal_rule", ["informed", "uniform"])
+def test_the_driver_takes_each_sites_quota_per_step(tmp_path, data, proposal_rule):
+    images, labels = data
+    model = tiny_model()
+    kept = [[site["kept"] for site in MaskSet(model).per_site()]]
+    driver = BCD(model, BCDConfig(targets=[700, 455], drc=100, rt=2, proposal=proposal_rule, quota="proportional"),
+                 images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda m: None,
+                 on_step=lambda record, d: kept.append([site["kept"] for site in d.mask_set.per_site()]))
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    assert len(kept) == len(result.history) + 1 > 2
+    for record, before, after in zip(result.history, kept, kept[1:]):
+        assert [b - a for b, a in zip(before, after, strict=True)] == proposal.site_quotas(before, record["removed"])
+
+
 def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_resumes_as_their_old_values(tmp_path,
                                                                                                         data):
     from safetensors import safe_open
@@ -319,9 +335,9 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
 
     images, labels = data
 
-    def driver(estimate: str, drc_fraction: float = 0.0) -> BCD:
+    def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none") -> BCD:
         return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
-                                           drc_fraction=drc_fraction), images, labels,
+                                           drc_fraction=drc_fraction, quota=quota), images, labels,
                    sgd_finetune(images, labels), tmp_path, log=lambda m: None)
 
     with pytest.warns(RuntimeWarning):
@@ -330,13 +346,16 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    del state["config"]["estimate"], state["config"]["step_schedule"], state["config"]["drc_fraction"]
+    for setting in ("estimate", "step_schedule", "drc_fraction", "quota"):
+        del state["config"][setting]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
     with pytest.raises(FastmaskError, match="another run"):
         driver("absolute").run(resume=True)
     with pytest.raises(FastmaskError, match="another run"):
         driver("signed", drc_fraction=0.1).run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("signed", quota="proportional").run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

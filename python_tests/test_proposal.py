@@ -14,7 +14,7 @@ import fastmask as fm
 from fastmask.config import BCDConfig
 from fastmask.errors import FastmaskError
 from fastmask.search.polynomial import fit_polynomial, make_polynomial
-from fastmask.search.proposal import propose, removal_costs
+from fastmask.search.proposal import propose, removal_costs, site_quotas
 from fastmask.search.scoring import score_current, score_hypotheses
 
 # The run config's defaults for the informed proposal.
@@ -255,6 +255,49 @@ def test_large_k_still_gives_distinct_candidates():
     costs = torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     candidates = propose(costs, 495, 40, torch.Generator().manual_seed(0), **DEFAULTS)
     assert len({tuple(c.tolist()) for c in candidates}) == 40
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_site_quotas_are_proportional_and_sum_to_k(seed):
+    g = torch.Generator().manual_seed(seed)
+    present = torch.randint(0, 50, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+    present[0] += 1  # at least one present ReLU
+    total = sum(present)
+    k = int(torch.randint(0, total + 1, (1,), generator=g))
+    quotas = site_quotas(present, k)
+    assert sum(quotas) == k
+    for q, p in zip(quotas, present, strict=True):
+        assert 0 <= q <= p
+        assert abs(q - k * p / total) < 1  # floor or ceil of the exact share
+
+
+def test_site_quotas_hand_checked():
+    assert site_quotas([10, 0, 5, 5], 7) == [3, 0, 2, 2]  # 3.5, 0, 1.75, 1.75: the two largest remainders round up
+    assert site_quotas([3, 3, 3], 2) == [1, 1, 0]  # equal remainders: the earlier sites
+    assert site_quotas([1, 3], 2) == [0, 2]  # 0.5 and 1.5: equal remainders, the larger site first
+    assert site_quotas([4, 4], 8) == [4, 4]
+    with pytest.raises(FastmaskError):
+        site_quotas([2, 2], 5)
+
+
+def test_site_quotas_keep_each_sites_share():
+    """With site sizes, every candidate takes each site's quota, from that site's own cheap end, even when another
+    site's ReLUs are all cheaper."""
+    costs = torch.full((400,), math.inf, dtype=torch.float64)
+    costs[:100] = torch.linspace(0.0, 1.0, 100, dtype=torch.float64)  # site 0: 100 present, all cheap
+    costs[100:150] = torch.linspace(10.0, 20.0, 50, dtype=torch.float64)  # site 1: 50 of its 300 present, dear
+    sizes, k, pool = [100, 300], 30, 2.0
+    candidates = propose(costs, k, 6, torch.Generator().manual_seed(0), pool=pool, temperature=BCDConfig.temperature,
+                         site_sizes=sizes)
+    assert len({tuple(c.tolist()) for c in candidates}) == 6
+    for c in candidates:
+        assert c.numel() == k and torch.equal(c, c.sort().values) and torch.isfinite(costs[c]).all()
+        assert (c < 100).sum() == 20 and (c >= 100).sum() == 10
+        assert set(c[c >= 100].tolist()) <= set(range(100, 100 + math.ceil(pool * 10)))
+    unquoted = propose(costs, k, 6, torch.Generator().manual_seed(0), pool=pool, temperature=BCDConfig.temperature)
+    assert all((c < 100).all() for c in unquoted)  # without quotas the cheap site gives everything
+    with pytest.raises(FastmaskError, match="site sizes"):
+        propose(costs, k, 6, torch.Generator().manual_seed(0), **DEFAULTS, site_sizes=[100, 200])
 
 
 def test_bad_arguments():

@@ -187,7 +187,7 @@ class BCD:
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "drc_fraction": float(c.drc_fraction),
                 "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
-                "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool,
+                "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool, "quota": c.quota,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None,
                 "step_schedule": "fresh" if self.carried is None else "continuous"}
@@ -198,8 +198,9 @@ class BCD:
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
-        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC
-        saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, **state["config"]}
+        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota
+        saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
+                 **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -310,8 +311,14 @@ class BCD:
         """(RT candidates, images the proposal trained through). All are drawn before scoring, so early stopping
         never changes what the generator yields next."""
         config = self.config
+        sites = None if config.quota == "none" else [site.mask.numel() for site in self.mask_set.sites]
         if config.proposal == "uniform":
-            return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
+            if sites is None:
+                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
+            # every present ReLU alike and the pool the whole site: each site's quota is a uniform draw from it
+            equal = torch.where(self.mask_set.flat(), 0.0, math.inf).double()
+            return propose(equal, remove, int(config.rt), self.generator, pool=float(equal.numel()),
+                           temperature=math.inf, site_sizes=sites), 0
         # Estimated after every finetune (each step starts after one), on the scoring subset.
         part = share(int(self.labels.shape[0]), self.group)
         costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size,
@@ -319,7 +326,7 @@ class BCD:
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
         candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
-                             temperature=config.temperature)
+                             temperature=config.temperature, site_sizes=sites)
         if self.group is not None:
             candidates = self.group.broadcast(candidates)
         return candidates, int(self.labels.shape[0])

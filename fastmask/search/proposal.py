@@ -108,8 +108,37 @@ def _smallest_pool(k: int, rt: int, present: int) -> int:
     return size
 
 
+def site_quotas(present: list[int], k: int) -> list[int]:
+    """k split over sites in proportion to their present ReLUs: each site gets floor(k * present / total), and what
+    is left goes one each to the sites with the largest remainders (ties: the larger site, then the earlier). A quota
+    never exceeds its site's present count."""
+    total = sum(present)
+    if not 0 <= k <= total:
+        raise FastmaskError(f"cannot split {k} removals over sites holding {total} present ReLUs")
+    if k == 0:
+        return [0] * len(present)
+    quotas = [k * p // total for p in present]
+    order = sorted(range(len(present)), key=lambda i: (-(k * present[i] % total), -present[i], i))
+    for i in order[:k - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _ranked(costs: torch.Tensor, present: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`present` (flat indices) cheapest |cost| first; ties broken at random (many ReLUs cost exactly 0: inputs never
+    negative on the subset)."""
+    shuffled = present[torch.randperm(present.numel(), generator=generator)]
+    return shuffled[torch.sort(costs[shuffled].abs(), stable=True).indices]
+
+
+def _pool_preference(member_costs: torch.Tensor) -> torch.Tensor:
+    """A pool's |costs| scaled to [0, 1] over the pool (0: its cheapest), so the temperature is unit-free."""
+    spread = float(member_costs.max() - member_costs.min())
+    return (member_costs - member_costs.min()) / spread if spread > 0 else torch.zeros_like(member_costs)
+
+
 def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *, pool: float,
-            temperature: float) -> list[torch.Tensor]:
+            temperature: float, site_sizes: Optional[list[int]] = None) -> list[torch.Tensor]:
     """rt distinct candidates of k present ReLUs each (sorted CPU int64 flat indices), drawn from the cheap end.
 
     Cheap means a small |cost|: the smallest estimated change, not the most negative estimate. The most negative
@@ -121,6 +150,11 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     with the model and the subset size), temperature=inf gives uniform k-subsets of the pool, small values approach
     its cheapest k. The pool bounds how far a candidate strays from the estimate; sampling inside it keeps candidates
     diverse, since a first-order estimate misses interactions between removed ReLUs.
+
+    site_sizes (the sites' ReLU counts, in the order of the flat index) draws per site instead: each site gives
+    site_quotas of the k, in proportion to its present ReLUs, each drawn by the rule above from that site's own pool
+    (pool * quota of its cheapest, its own cost spread). The estimate then chooses which ReLUs of a site go, not how
+    many: the share of each site stays that of the model the search starts from.
 
     A draw equal to an earlier candidate is discarded and the temperature doubled, so candidates always differ. When
     fewer than rt distinct k-subsets of the present ReLUs exist, every one is returned (smallest total |cost| first).
@@ -145,15 +179,20 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
         subsets.sort(key=lambda s: (float(costs[s].abs().sum()), s.tolist()))
         return subsets
 
-    # Random tie-break (many ReLUs cost exactly 0: inputs never negative on the subset), then cheapest first.
     size_of_change = costs.abs()
-    shuffled = present[torch.randperm(count, generator=generator)]
-    ranked = shuffled[torch.sort(size_of_change[shuffled], stable=True).indices]
-    size = min(count, max(math.ceil(pool * k), _smallest_pool(k, rt, count)))
-    members = ranked[:size]
-    member_costs = size_of_change[members]
-    spread = float(member_costs.max() - member_costs.min())
-    base = (member_costs - member_costs.min()) / spread if spread > 0 else torch.zeros_like(member_costs)
+    if site_sizes is None:
+        groups = [(present, k)]
+    else:
+        if sum(site_sizes) != costs.numel():
+            raise FastmaskError(f"propose: site sizes sum to {sum(site_sizes)}, costs hold {costs.numel()}")
+        offsets = [0, *itertools.accumulate(site_sizes)]
+        in_site = [present[(present >= a) & (present < b)] for a, b in zip(offsets[:-1], offsets[1:])]
+        groups = [(members, q) for members, q in zip(in_site, site_quotas([m.numel() for m in in_site], k)) if q]
+    pools = []
+    for members, quota in groups:
+        ranked = _ranked(costs, members, generator)
+        size = min(ranked.numel(), max(math.ceil(pool * quota), _smallest_pool(quota, rt, ranked.numel())))
+        pools.append((ranked[:size], _pool_preference(size_of_change[ranked[:size]]), quota))
 
     candidates: list[torch.Tensor] = []
     seen: set[tuple[int, ...]] = set()
@@ -161,8 +200,8 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     for _ in range(ATTEMPTS_PER_CANDIDATE * rt):
         if len(candidates) == rt:
             break
-        logits = -base / heat if math.isfinite(heat) else torch.zeros_like(base)
-        chosen = members[_gumbel_top_k(logits, k, generator)].sort().values
+        chosen = torch.cat([members[_gumbel_top_k(-base / heat if math.isfinite(heat) else torch.zeros_like(base),
+                                                   quota, generator)] for members, base, quota in pools]).sort().values
         key = tuple(chosen.tolist())
         if key in seen:
             heat *= 2.0
