@@ -24,6 +24,7 @@ REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
 ESTIMATES = ("signed", "absolute")
 QUOTAS = ("none", "proportional")
+REMOVALS = ("hard", "fade")
 SCORINGS = ("exact", "race")
 STEP_SCHEDULES = ("fresh", "continuous")
 
@@ -168,6 +169,11 @@ class BCDConfig:
     quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
                                  "every step's removals in proportion to its present ReLUs; informed candidates are "
                                  "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
+    # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
+    # finetune then repairs (bench/FIDELITY.md, continuous-fade).
+    removal: str = setting("hard", "hard: the chosen ReLUs are removed before the step's finetune (the paper's); "
+                                   "fade: they fade from ReLU to their replacement over it (alpha from 1 to 0, one "
+                                   "step of the finetune at a time) and are removed at its end", choices=REMOVALS)
     scoring: str = setting("race", "exact: the paper's rule (first candidate under ADT, all images); race: "
                                    "successive halving on growing slices, survivors scored on every image",
                            choices=SCORINGS)
@@ -246,8 +252,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform", "bcd.quota": "none", "bcd.scoring": "exact", "replacement": "identity",
-              "method": "bcd",
+              "bcd.proposal": "uniform", "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact",
+              "replacement": "identity", "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.

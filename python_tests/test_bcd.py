@@ -328,6 +328,36 @@ def test_the_driver_takes_each_sites_quota_per_step(tmp_path, data, proposal_rul
         assert [b - a for b, a in zip(before, after, strict=True)] == proposal.site_quotas(before, record["removed"])
 
 
+def test_a_fading_removal_fades_the_chosen_relus_through_the_finetune_then_removes_them(tmp_path, data):
+    images, labels = data
+    seen = []
+
+    def finetune(model, step):
+        masks = MaskSet(model)
+        fading = [site for site in masks.sites if site.fade is not None]
+        kept = sum(site.relu_count() for site in fading)
+        at_start = sum(float(site.fade.sum()) for site in fading)
+        sgd_finetune(images, labels)(model, step)  # two training forwards: the fade's two steps
+        seen.append((masks.count(), len(fading), kept, at_start, sum(float(site.fade.sum()) for site in fading)))
+        return {"val_acc": 50.0, "val_loss": 2.0}
+
+    model = tiny_model()
+    start = MaskSet(model).count()
+    driver = BCD(model, BCDConfig(targets=[700, 455], drc=100, rt=2, removal="fade"), images, labels, finetune,
+                 tmp_path, log=lambda m: None, finetune_steps=2)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    assert [t["budget"] for t in result.targets] == [700, 455] and MaskSet(model).count() == 455
+    counts = [start] + [r["budget_after"] for r in result.history[:-1]]
+    for (count, sites, kept, at_start, at_end), before, record in zip(seen, counts, result.history, strict=True):
+        assert count == before  # the chosen ReLUs are still in the mask while they fade
+        assert sites >= 1 and at_start == kept  # alpha 1 wherever a ReLU is present, the chosen ones too
+        assert at_end == kept - record["removed"]  # after the finetune's two steps the chosen ones are at 0
+    assert all(site.fade is None for site in MaskSet(model).sites)
+    with pytest.raises(FastmaskError, match="finetune_steps"):
+        BCD(tiny_model(), BCDConfig(targets=[700], drc=100, removal="fade"), images, labels, finetune, tmp_path)
+
+
 def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_resumes_as_their_old_values(tmp_path,
                                                                                                         data):
     from safetensors import safe_open
@@ -335,10 +365,10 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
 
     images, labels = data
 
-    def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none") -> BCD:
+    def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none", removal: str = "hard") -> BCD:
         return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
-                                           drc_fraction=drc_fraction, quota=quota), images, labels,
-                   sgd_finetune(images, labels), tmp_path, log=lambda m: None)
+                                           drc_fraction=drc_fraction, quota=quota, removal=removal), images, labels,
+                   sgd_finetune(images, labels), tmp_path, log=lambda m: None, finetune_steps=2)
 
     with pytest.warns(RuntimeWarning):
         driver("signed").run()
@@ -346,7 +376,7 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    for setting in ("estimate", "step_schedule", "drc_fraction", "quota"):
+    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal"):
         del state["config"][setting]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
@@ -356,6 +386,8 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
         driver("signed", drc_fraction=0.1).run(resume=True)
     with pytest.raises(FastmaskError, match="another run"):
         driver("signed", quota="proportional").run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("signed", removal="fade").run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

@@ -142,6 +142,8 @@ class BCD:
     on_step(record, driver), called after a step's state is written (progress, reports; raising stops the run).
     carried: the optimizer `finetune` carries from step to step (finetune.step_schedule continuous), whose state is
     written with the BCD state and restored on resume.
+    finetune_steps: the optimizer steps of one `finetune` call; bcd.removal "fade" spreads the chosen ReLUs' fade
+    over them (MaskSet.fading) and needs it.
 
     With a `group` (torchrun), every process runs the loop: the cost estimates are summed over the processes' shares
     of the scoring subset, rank 0's candidates and choice are broadcast, scoring is shared out, and after every step
@@ -154,8 +156,12 @@ class BCD:
                  target_finetune: Optional[Callable[[nn.Module, int], dict]] = None,
                  on_step: Optional[Callable[[dict, "BCD"], None]] = None,
                  log: Callable[[str], None] = print, group: Optional[Group] = None,
-                 carried: Optional["train.CarriedOptimizer"] = None):
+                 carried: Optional["train.CarriedOptimizer"] = None, finetune_steps: Optional[int] = None):
+        if config.removal == "fade" and not finetune_steps:
+            raise FastmaskError("bcd.removal fade spreads a removal over the step's finetune: BCD needs its "
+                                "finetune_steps")
         self.model = model
+        self.finetune_steps = finetune_steps
         self.carried = carried
         self.config = config
         self.images = images
@@ -188,6 +194,7 @@ class BCD:
                 "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
                 "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool, "quota": c.quota,
+                "removal": c.removal,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None,
                 "step_schedule": "fresh" if self.carried is None else "continuous"}
@@ -198,9 +205,10 @@ class BCD:
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
-        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota
+        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota, hard
+        # removals
         saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
-                 **state["config"]}
+                 "removal": "hard", **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -256,10 +264,16 @@ class BCD:
         if self.group is not None:  # rank 0 decides; everyone applies its choice
             choice, fallback, acc, loss = self.group.broadcast((choice, fallback, acc, loss))
         drop = reference[0] - acc if config.criterion == "accuracy" else loss - reference[1]
-        self.mask_set.remove(candidates[choice])
+        chosen = candidates[choice]
         t1 = time.perf_counter()
 
-        tuned = self._finetune(self.finetune, step, last_good)
+        if config.removal == "fade":  # from ReLU to the replacement over the finetune, then removed
+            with self.mask_set.fading(chosen, int(self.finetune_steps)):
+                tuned = self._finetune(self.finetune, step, last_good)
+            self.mask_set.remove(chosen)
+        else:
+            self.mask_set.remove(chosen)
+            tuned = self._finetune(self.finetune, step, last_good)
         step_images, target_images = int(tuned.get("train_images", 0)), 0
         budget = self.mask_set.count()
         if budget == target and self.target_finetune is not None:  # the target is measured after this one
@@ -410,7 +424,11 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
         test_acc, test_loss = train.evaluate(m, dataset.test_x, dataset.test_y, dataset, device)
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
+    # a step's finetune: its epochs' optimizer steps, or max_steps when fewer (train.train's count)
+    step_count = finetune_config.epochs * data.steps_per_epoch(len(dataset.train_y), finetune_config.batch_size)
+    if finetune_max_steps is not None:
+        step_count = min(step_count, int(finetune_max_steps))
     driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
                  target_finetune=target_finetune if target_finetune_epochs > 0 else None, on_step=on_step, log=log,
-                 group=group, carried=carried)
+                 group=group, carried=carried, finetune_steps=step_count)
     return driver.run(resume=resume)
