@@ -25,9 +25,11 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      (bcd.criterion loss); "continuous-geometric": continuous removing the same share of what is left at every
      step (bcd.drc_fraction) instead of a fixed 300, so the leg to 1,500 takes as many steps as the leg to 3,000
      (geometric_search); "continuous-quota": continuous with each site giving its share of every step's removals,
-     in proportion to its present ReLUs (bcd.quota), so the sites keep the start's shares. These six spend, to
-     every target, no more images than gradual does, from its start and seed: their SNL rows are gradual's SNL
-     run when the seed has one (SNL_FROM; checked), else their own;
+     in proportion to its present ReLUs (bcd.quota), so the sites keep the start's shares; "continuous-fade":
+     continuous with each step's chosen ReLUs fading to the identity over its finetune (bcd.removal fade), as SNL's
+     alphas fall while the weights train. These seven spend, to every target, no more images than gradual does,
+     from its start and seed: their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else
+     their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -88,7 +90,7 @@ SIGNED = {"bcd.estimate": "signed"}
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
-        "continuous-quota",
+        "continuous-quota", "continuous-fade",
         "settled-polynomial", "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
@@ -147,7 +149,7 @@ def geometric_search(scale: dict) -> dict:
 
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
-                  "continuous-geometric", "continuous-quota")
+                  "continuous-geometric", "continuous-quota", "continuous-fade")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -156,7 +158,8 @@ FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "p
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends no more train
 # and forward images to any target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
-            "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual"}
+            "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
+            "continuous-fade": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -194,6 +197,8 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # (seed 0: continuous's mask at 3,000 keeps 361 ReLUs in layer1 against SNL's 229, 299 in the last site
             # against 426); with a quota it picks within each site, and the sites keep the SNL start's shares
             "continuous-quota": {**continuous, "bcd.quota": "proportional"},
+            # continuous removing each step's ReLUs gradually over its finetune instead of all at once before it
+            "continuous-fade": {**continuous, "bcd.removal": "fade"},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -421,7 +426,8 @@ def markdown(p: dict) -> str:
              f"candidates from the {CONTINUOUS_POOL:g} x DRC cheapest ReLUs; continuous-loss = continuous picking its "
              "candidate by loss, not accuracy; continuous-geometric = continuous removing "
              f"{GEOMETRIC_FRACTION:g} of the present ReLUs per step; continuous-quota = continuous with each site "
-             "giving its share of every step's removals (the SNL rows of the last six are gradual's SNL "
+             "giving its share of every step's removals; continuous-fade = continuous with each step's ReLUs fading "
+             "to the identity over its finetune (the SNL rows of the last seven are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "
