@@ -366,6 +366,8 @@ class Pipeline:
         self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
                  f"{', '.join(map(str, b.targets))}; "
                  + (f"{b.drc_fraction:g} of the ReLUs per step" if b.drc_fraction else f"DRC {b.drc}")
+                 + (" shared out over the sites in proportion" if b.quota == "proportional" else "")
+                 + (", fading over each step's finetune" if b.removal == "fade" else "")
                  + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
                  + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"
