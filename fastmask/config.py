@@ -164,13 +164,14 @@ class BCDConfig:
     # lean cheap but still explore the whole pool.
     temperature: float = setting(0.5, "informed: sampling temperature inside the pool, in units of its cost "
                                       "spread (inf: uniform in the pool)", kind=number, check=positive)
-    # The estimate alone shifts the sites' shares away from the start's (SNL's) towards the early layers; a quota
-    # keeps each site's share and lets the estimate choose within it (bench/FIDELITY.md, continuous-quota).
+    # A quota keeps each site's share of the start and lets the estimate choose within the site. Measured, it
+    # moved BCD's mask away from SNL's, which empties the early stages faster than the late ones, and did not help
+    # (bench/FIDELITY.md, continuous-quota).
     quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
                                  "every step's removals in proportion to its present ReLUs; informed candidates are "
                                  "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
     # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
-    # finetune then repairs (bench/FIDELITY.md, continuous-fade).
+    # finetune then repairs. Fading did not help at the small scale (bench/FIDELITY.md, continuous-fade).
     removal: str = setting("hard", "hard: the chosen ReLUs are removed before the step's finetune (the paper's); "
                                    "fade: they fade from ReLU to their replacement over it (alpha from 1 to 0, one "
                                    "step of the finetune at a time) and are removed at its end", choices=REMOVALS)
