@@ -325,7 +325,7 @@ class BCD:
         """(RT candidates, images the proposal trained through). All are drawn before scoring, so early stopping
         never changes what the generator yields next."""
         config = self.config
-        sites = None if config.quota == "none" else [site.mask.numel() for site in self.mask_set.sites]
+        sites = None if config.quota == "none" else self.mask_set.sizes
         if config.proposal == "uniform":
             if sites is None:
                 return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
