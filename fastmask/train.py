@@ -248,6 +248,13 @@ def _restore(model: nn.Module, extra: list[torch.Tensor], snapshot: tuple[dict, 
             p.copy_(value)
 
 
+def optimizer_steps(train_size: int, config: TrainConfig, max_steps: Optional[int] = None) -> int:
+    """The optimizer steps train() takes on a train split of train_size images: config.epochs whole epochs, or
+    max_steps when fewer."""
+    steps = config.epochs * steps_per_epoch(train_size, config.batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, teacher: Optional[nn.Module] = None,
           extra_params: Iterable[torch.Tensor] = (), loss_hook: Optional[Callable[[nn.Module], torch.Tensor]] = None,
           on_epoch: Optional[Callable[[int, dict, nn.Module], Optional[str]]] = None, progress: bool = True,
@@ -277,7 +284,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, device, *, te
                                                                                                       config)
     net = _data_parallel(model, device, group)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
-    total_steps = config.epochs * per_epoch if max_steps is None else min(config.epochs * per_epoch, max_steps)
+    total_steps = optimizer_steps(len(dataset.train_y), config, max_steps)
     generator = torch.Generator().manual_seed(int(config.seed))
     was_training = model.training
     history: list[dict] = []

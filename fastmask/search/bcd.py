@@ -424,10 +424,7 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
         test_acc, test_loss = train.evaluate(m, dataset.test_x, dataset.test_y, dataset, device)
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
-    # a step's finetune: its epochs' optimizer steps, or max_steps when fewer (train.train's count)
-    step_count = finetune_config.epochs * data.steps_per_epoch(len(dataset.train_y), finetune_config.batch_size)
-    if finetune_max_steps is not None:
-        step_count = min(step_count, int(finetune_max_steps))
+    step_count = train.optimizer_steps(len(dataset.train_y), finetune_config, finetune_max_steps)
     driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
                  target_finetune=target_finetune if target_finetune_epochs > 0 else None, on_step=on_step, log=log,
                  group=group, carried=carried, finetune_steps=step_count)
