@@ -193,9 +193,10 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # points) is above the candidates' difference; the loss is continuous. ADT then only names fallbacks.
             "continuous-loss": {**continuous, "bcd.criterion": "loss"},
             "continuous-geometric": {**continuous, **geometric_search(SCALES[scale])},
-            # continuous with per-site quotas: the estimate alone moves the sites' shares towards the early layers
-            # (seed 0: continuous's mask at 3,000 keeps 361 ReLUs in layer1 against SNL's 229, 299 in the last site
-            # against 426); with a quota it picks within each site, and the sites keep the SNL start's shares
+            # continuous with per-site quotas, set because the estimate alone moves the sites' shares towards the
+            # early layers (seed 0: continuous's mask at 3,000 keeps 361 ReLUs in layer1 against SNL's 229, 299 in
+            # the last site against 426); with a quota the sites keep the SNL start's shares. Measured: SNL does not
+            # keep them either, and the quota's mask lies further from SNL's (bench/FIDELITY.md)
             "continuous-quota": {**continuous, "bcd.quota": "proportional"},
             # continuous removing each step's ReLUs gradually over its finetune instead of all at once before it
             "continuous-fade": {**continuous, "bcd.removal": "fade"},
