@@ -300,6 +300,15 @@ def test_site_quotas_keep_each_sites_share():
         propose(costs, k, 6, torch.Generator().manual_seed(0), **DEFAULTS, site_sizes=[100, 200])
 
 
+def test_site_quotas_hold_when_few_relus_are_present():
+    """Few enough present ReLUs to list every subset: with quotas the candidates still take each site's share."""
+    costs = torch.full((10,), math.inf, dtype=torch.float64)
+    costs[[0, 1, 6, 7]] = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)  # 2 present in each of 2 sites
+    candidates = propose(costs, 2, 10, torch.Generator().manual_seed(0), **DEFAULTS, site_sizes=[5, 5])
+    assert len(candidates) == 4  # one of site 0's two with one of site 1's two
+    assert all((c < 5).sum() == 1 and (c >= 5).sum() == 1 for c in candidates)
+
+
 def test_bad_arguments():
     costs = costs_with_absent(100)
     present = int(torch.isfinite(costs).sum())

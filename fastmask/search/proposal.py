@@ -174,7 +174,8 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     if k > count:
         raise FastmaskError(f"cannot propose {k} ReLUs: only {count} are present")
 
-    if k == count or (count <= rt and math.comb(count, k) <= rt):  # few enough to list them all
+    # few enough to list them all (with quotas, only when every present ReLU goes: a listing ignores the sites)
+    if k == count or (site_sizes is None and count <= rt and math.comb(count, k) <= rt):
         subsets = [torch.tensor(c, dtype=torch.int64) for c in itertools.combinations(present.tolist(), k)]
         subsets.sort(key=lambda s: (float(costs[s].abs().sum()), s.tolist()))
         return subsets
