@@ -23,6 +23,7 @@ METHODS = ("bcd", "snl", "both")
 REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
 ESTIMATES = ("signed", "absolute")
+ESTIMATE_SOURCES = ("subset", "subset+finetune")
 QUOTAS = ("none", "proportional")
 REMOVALS = ("hard", "fade")
 SCORINGS = ("exact", "race")
@@ -158,6 +159,12 @@ class BCDConfig:
     # models came out more accurate).
     estimate: str = setting("absolute", "informed: a ReLU's removal cost is the sum of the per-image sizes of its "
                                         "first-order effect (absolute) or |their sum| (signed)", choices=ESTIMATES)
+    # SNL's alphas integrate their gradient over every batch of the alpha phase; the subset's estimate is one pass
+    # over 1-2K images. The finetune's backward already holds the same product for every ReLU and batch.
+    estimate_from: str = setting("subset", "informed: the images the estimate sums over: subset (one forward and "
+                                           "backward over the scoring subset after each finetune), or "
+                                           "subset+finetune (plus every batch of the finetunes since the last "
+                                           "estimate, at no extra pass)", choices=ESTIMATE_SOURCES)
     pool: float = setting(4.0, "informed: candidates are drawn from the pool*DRC cheapest ReLUs", kind=number,
                           check=lambda v: None if v >= 1 else "must be >= 1")
     # 0.5 makes the cheapest pool member e^2 (about 7x) likelier to be drawn first than the dearest one: candidates
@@ -253,7 +260,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform", "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact",
+              "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.quota": "none", "bcd.removal": "hard",
+              "bcd.scoring": "exact",
               "replacement": "identity", "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},

@@ -368,6 +368,8 @@ class Pipeline:
                  + (f"{b.drc_fraction:g} of the ReLUs per step" if b.drc_fraction else f"DRC {b.drc}")
                  + (" shared out over the sites in proportion" if b.quota == "proportional" else "")
                  + (", fading over each step's finetune" if b.removal == "fade" else "")
+                 + (", the estimate summed over the finetunes too" if b.estimate_from == "subset+finetune"
+                    and b.proposal == "informed" else "")
                  + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
                  + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"

@@ -58,10 +58,11 @@ def sgd_finetune(images, labels, calls=None):
 
 
 def run_driver(tmp_path, data, *, targets=(700, 455, 300), drc=100, rt=3, adt=0.3, seed=0, on_step=None,
-               finetune=None, resume=False, model=None, criterion="accuracy"):
+               finetune=None, resume=False, model=None, criterion="accuracy", estimate_from="subset"):
     images, labels = data
     model = model if model is not None else tiny_model()
-    driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, criterion=criterion),
+    driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, criterion=criterion,
+                                  estimate_from=estimate_from),
                  images, labels, finetune or sgd_finetune(images, labels), tmp_path, seed=seed, on_step=on_step,
                  log=lambda message: None)
     with pytest.warns(RuntimeWarning) if not resume else _no_check():
@@ -312,6 +313,40 @@ def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch
     assert torch.equal(costs, absolute_costs) is (estimate == "absolute")
 
 
+def test_the_estimate_summed_over_the_finetune_adds_to_the_next_steps_subset_estimate(tmp_path, data, monkeypatch):
+    images, labels = data
+    subset_costs, proposed = [], []
+    real_costs, real_propose = bcd.removal_costs, bcd.propose
+
+    def spy_costs(*args, **kw):
+        subset_costs.append(real_costs(*args, **kw))
+        return subset_costs[-1]
+
+    def spy_propose(costs, *args, **kw):
+        proposed.append(costs.clone())
+        return real_propose(costs, *args, **kw)
+
+    summed = []
+
+    def finetune(model, step):  # the driver's FinetuneCosts is open here: a second one sees the same batches
+        with proposal.FinetuneCosts(model, absolute=True) as mine:
+            sgd_finetune(images, labels)(model, step)
+        summed.append(mine.costs())
+        return {"val_acc": 50.0}
+
+    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    monkeypatch.setattr(bcd, "propose", spy_propose)
+    driver = BCD(tiny_model(), BCDConfig(targets=[700], drc=100, rt=2, estimate_from="subset+finetune"), images,
+                 labels, finetune, tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        driver.run()
+    assert len(proposed) == 3 and torch.equal(proposed[0], subset_costs[0])  # no finetune before step 1
+    for step in (1, 2):
+        assert summed[step - 1].abs().sum() > 0
+        torch.testing.assert_close(proposed[step], subset_costs[step] + summed[step - 1])
+    assert torch.equal(driver.finetune_costs, summed[2])  # kept (and saved) for a next step
+
+
 @pytest.mark.parametrize("proposal_rule", ["informed", "uniform"])
 def test_the_driver_takes_each_sites_quota_per_step(tmp_path, data, proposal_rule):
     images, labels = data
@@ -365,9 +400,11 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
 
     images, labels = data
 
-    def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none", removal: str = "hard") -> BCD:
+    def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none", removal: str = "hard",
+               estimate_from: str = "subset") -> BCD:
         return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
-                                           drc_fraction=drc_fraction, quota=quota, removal=removal), images, labels,
+                                           drc_fraction=drc_fraction, quota=quota, removal=removal,
+                                           estimate_from=estimate_from), images, labels,
                    sgd_finetune(images, labels), tmp_path, log=lambda m: None, finetune_steps=2)
 
     with pytest.warns(RuntimeWarning):
@@ -376,7 +413,7 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal"):
+    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal", "estimate_from"):
         del state["config"][setting]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
@@ -388,6 +425,8 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
         driver("signed", quota="proportional").run(resume=True)
     with pytest.raises(FastmaskError, match="another run"):
         driver("signed", removal="fade").run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("signed", estimate_from="subset+finetune").run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):
@@ -433,10 +472,11 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize("estimate_from", ["subset", "subset+finetune"])
 @pytest.mark.parametrize("where", ["after_state_written", "during_finetune"])
-def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, where):
+def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, where, estimate_from):
     images, labels = data
-    reference, full = run_driver(tmp_path / "full", data)
+    reference, full = run_driver(tmp_path / "full", data, estimate_from=estimate_from)
 
     kill_step = 4  # the step that reaches target 700 is 3: the kill lands after a target was saved
     plain = sgd_finetune(images, labels)
@@ -452,9 +492,10 @@ def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, wh
         return plain(model, step)
 
     with pytest.raises(Killed):
-        run_driver(tmp_path / "killed", data, on_step=on_step, finetune=finetune)
+        run_driver(tmp_path / "killed", data, on_step=on_step, finetune=finetune, estimate_from=estimate_from)
     torch.manual_seed(12345)  # a new process: the global RNG is wherever it is
-    resumed, result = run_driver(tmp_path / "killed", data, finetune=plain, resume=True, model=tiny_model(seed=7))
+    resumed, result = run_driver(tmp_path / "killed", data, finetune=plain, resume=True, model=tiny_model(seed=7),
+                                 estimate_from=estimate_from)
     assert torch.equal(MaskSet(resumed).flat(), MaskSet(reference).flat())
     assert weights_equal(resumed, reference)
     assert [r["budget_after"] for r in result.history] == [r["budget_after"] for r in full.history]

@@ -14,7 +14,7 @@ import fastmask as fm
 from fastmask.config import BCDConfig
 from fastmask.errors import FastmaskError
 from fastmask.search.polynomial import fit_polynomial, make_polynomial
-from fastmask.search.proposal import propose, removal_costs, site_quotas
+from fastmask.search.proposal import FinetuneCosts, propose, removal_costs, site_quotas
 from fastmask.search.scoring import score_current, score_hypotheses
 
 # The run config's defaults for the informed proposal.
@@ -178,6 +178,44 @@ def test_absolute_costs_bound_the_signed_ones():
     assert torch.equal(torch.isfinite(absolute), present)
     assert (absolute[present] >= signed[present].abs() - 1e-6).all()
     assert (absolute[present] > signed[present].abs() + 1e-6).any()  # per-image effects of both signs exist
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("polynomial", [False, True])
+def test_finetune_costs_sum_the_estimate_over_the_training_batches(absolute, polynomial):
+    """Summed over a finetune's batches of a mean loss, the estimate equals removal_costs over the same images (BN in
+    eval mode on both sides, so the two forwards agree)."""
+    model = make_model()
+    images, labels = make_data(model, 40)
+    if polynomial:
+        make_polynomial(model)
+        for site in fm.MaskSet(model).sites:
+            if site.coeffs is not None:
+                site.coeffs.data.uniform_(-0.5, 1.0, generator=torch.Generator().manual_seed(site.coeffs.shape[0]))
+    expected = removal_costs(model, images, labels, absolute=absolute)
+    model.eval()
+    for site in fm.MaskSet(model).sites:
+        site.train()  # the hooks count training-mode forwards only
+    with FinetuneCosts(model, absolute=absolute) as summed:
+        for batch in (slice(0, 15), slice(15, 40)):  # batches of unequal size, each a mean loss
+            F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        with torch.no_grad():  # a validation pass adds nothing
+            model(images)
+    present = torch.isfinite(expected)
+    costs = summed.costs()
+    torch.testing.assert_close(costs[present], expected[present], rtol=1e-4, atol=1e-6)
+    assert costs.shape == expected.shape and costs[present].abs().sum() > 0
+    F.cross_entropy(model(images), labels).backward()  # the hooks are gone after the block
+    torch.testing.assert_close(summed.costs(), costs)
+
+
+def test_finetune_costs_are_zero_without_a_training_pass():
+    model = make_model()
+    images, labels = make_data(model, 8)
+    model.eval()
+    with FinetuneCosts(model) as summed:
+        F.cross_entropy(model(images), labels).backward()  # eval-mode forwards are not the finetune's
+    assert torch.equal(summed.costs(), torch.zeros(fm.MaskSet(model).total(), dtype=torch.float64))
 
 
 # ---- propose ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ No pickle is written or read.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -30,7 +31,7 @@ from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
-from .proposal import propose, removal_costs
+from .proposal import FinetuneCosts, propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
@@ -42,6 +43,9 @@ STATE_VERSION = 3
 STATE_FILE = Path("checkpoints") / "last.pt"
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
+# The state file's tensor holding the estimate summed over the finetunes since the last proposal (estimate_from
+# subset+finetune).
+FINETUNE_COSTS_KEY = "estimate.finetune_costs"
 
 
 def accuracy_standard_error(accuracy_percent: float, images: int) -> float:
@@ -79,13 +83,16 @@ def plan_removal(count: int, targets: Sequence[int], drc: int, fraction: float =
 
 # ---- the state file ----------------------------------------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict,
-               optimizer: Optional[dict[str, torch.Tensor]] = None) -> None:
+               optimizer: Optional[dict[str, torch.Tensor]] = None,
+               finetune_costs: Optional[torch.Tensor] = None) -> None:
     """Writes atomically: a kill leaves either the previous state or this one. optimizer: a carried finetune
-    optimizer's state tensors."""
+    optimizer's state tensors; finetune_costs: the estimate summed over the finetunes since the last proposal."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"optimizer.{k}": v.contiguous() for k, v in (optimizer or {}).items()})
+    if finetune_costs is not None:
+        tensors[FINETUNE_COSTS_KEY] = finetune_costs.detach().cpu().contiguous()
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {SPEC_KEY: json.dumps(model_spec(model)), "bcd_state": json.dumps(state)}
@@ -96,7 +103,8 @@ def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: 
 def load_state(path: Path, model: nn.Module, generator: torch.Generator,
                optimizer: Optional["train.CarriedOptimizer"] = None) -> dict:
     """Loads weights, masks and RNG states into model/generator/torch (and a carried finetune optimizer's state into
-    `optimizer`); returns the JSON state."""
+    `optimizer`); returns the JSON state, with the finetune's summed estimate (a tensor) under FINETUNE_COSTS_KEY
+    when the state holds one."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -121,6 +129,8 @@ def load_state(path: Path, model: nn.Module, generator: torch.Generator,
     if optimizer is not None:
         optimizer.load_state_tensors({k[len("optimizer."):]: v for k, v in tensors.items()
                                       if k.startswith("optimizer.")})
+    if FINETUNE_COSTS_KEY in tensors:
+        state[FINETUNE_COSTS_KEY] = tensors[FINETUNE_COSTS_KEY]
     return state
 
 
@@ -179,6 +189,8 @@ class BCD:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.state_path = self.out_dir / STATE_FILE
         self.history: list[dict] = []
+        # estimate_from subset+finetune: the finetunes' summed estimate since the last proposal (None: none yet)
+        self.finetune_costs: Optional[torch.Tensor] = None
         self.targets_done: list[dict] = []
         self.warned: list[str] = []
         self.done = False
@@ -193,8 +205,8 @@ class BCD:
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "drc_fraction": float(c.drc_fraction),
                 "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
-                "proposal": c.proposal, "estimate": c.estimate, "pool": c.pool, "quota": c.quota,
-                "removal": c.removal,
+                "proposal": c.proposal, "estimate": c.estimate, "estimate_from": c.estimate_from, "pool": c.pool,
+                "quota": c.quota, "removal": c.removal,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None,
                 "step_schedule": "fresh" if self.carried is None else "continuous"}
@@ -206,13 +218,14 @@ class BCD:
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
         # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota, hard
-        # removals
+        # removals, the estimate over the subset alone
         saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
-                 "removal": "hard", **state["config"]}
+                 "removal": "hard", "estimate_from": "subset", **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
         self.history, self.targets_done = state["history"], state["targets"]
+        self.finetune_costs = state.get(FINETUNE_COSTS_KEY)
         self.warned, self.done = state.get("warnings", []), state["done"]
         self.log(f"BCD: resuming after step {self.step} at {self.mask_set.count()} ReLUs")
 
@@ -267,18 +280,19 @@ class BCD:
         chosen = candidates[choice]
         t1 = time.perf_counter()
 
-        if config.removal == "fade":  # from ReLU to the replacement over the finetune, then removed
-            with self.mask_set.fading(chosen, int(self.finetune_steps)):
+        with self._summing_finetune_costs():
+            if config.removal == "fade":  # from ReLU to the replacement over the finetune, then removed
+                with self.mask_set.fading(chosen, int(self.finetune_steps)):
+                    tuned = self._finetune(self.finetune, step, last_good)
+                self.mask_set.remove(chosen)
+            else:
+                self.mask_set.remove(chosen)
                 tuned = self._finetune(self.finetune, step, last_good)
-            self.mask_set.remove(chosen)
-        else:
-            self.mask_set.remove(chosen)
-            tuned = self._finetune(self.finetune, step, last_good)
-        step_images, target_images = int(tuned.get("train_images", 0)), 0
-        budget = self.mask_set.count()
-        if budget == target and self.target_finetune is not None:  # the target is measured after this one
-            tuned = self._finetune(self.target_finetune, step, last_good)
-            target_images = int(tuned.get("train_images", 0))
+            step_images, target_images = int(tuned.get("train_images", 0)), 0
+            budget = self.mask_set.count()
+            if budget == target and self.target_finetune is not None:  # the target is measured after this one
+                tuned = self._finetune(self.target_finetune, step, last_good)
+                target_images = int(tuned.get("train_images", 0))
         t2 = time.perf_counter()
         if self.group is not None:
             self.group.check_same(f"masks after BCD step {step}", masks_digest(self.model))
@@ -310,7 +324,19 @@ class BCD:
     def _save_state(self) -> None:
         if self.is_main:
             save_state(self.state_path, self.model, self.generator, self._state(),
-                       None if self.carried is None else self.carried.state_tensors())
+                       None if self.carried is None else self.carried.state_tensors(), self.finetune_costs)
+
+    @contextlib.contextmanager
+    def _summing_finetune_costs(self):
+        """With estimate_from subset+finetune (informed candidates), sums the estimate over this step's finetunes for
+        the next step's proposal; else nothing."""
+        config = self.config
+        if config.proposal != "informed" or config.estimate_from != "subset+finetune":
+            yield
+            return
+        with FinetuneCosts(self.model, absolute=config.estimate == "absolute") as summed:
+            yield
+        self.finetune_costs = summed.costs()
 
     def _finetune(self, finetune: Callable[[nn.Module, int], dict], step: int, last_good: dict) -> dict:
         try:
@@ -337,6 +363,9 @@ class BCD:
         part = share(int(self.labels.shape[0]), self.group)
         costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size,
                               absolute=config.estimate == "absolute")
+        if self.finetune_costs is not None:  # this process's finetune batches since the last proposal
+            costs = costs + self.finetune_costs
+            self.finetune_costs = None
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
         candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,

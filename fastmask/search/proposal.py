@@ -93,6 +93,56 @@ def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return costs
 
 
+class FinetuneCosts:
+    """removal_costs' estimate summed over the batches a finetune trains on, at no extra pass.
+
+    Inside the `with` block every training-mode forward that builds a graph hooks each site's output; when the
+    finetune's backward reaches it, dL/dy * (r(x) - relu(x)) is summed per ReLU over the batch, times the batch size
+    so that a mean loss counts like removal_costs' summed one (the finetune's loss, with its distillation term, not
+    the scoring subset's cross-entropy). The finetune sees many more images than the scoring subset, and sees them
+    while the weights move through the removals, as SNL's alphas do: its sums add to the subset's estimate.
+    costs() is float64 [MaskSet(model).total()], 0 where no batch reached the ReLU (absent ones included: the fresh
+    estimate they are added to marks those +inf).
+    """
+
+    def __init__(self, model: nn.Module, *, absolute: bool = False):
+        self.mask_set = MaskSet(model)
+        self.absolute = bool(absolute)
+        self.sums: Optional[list[torch.Tensor]] = None
+        self.handles: list = []
+
+    def __enter__(self) -> "FinetuneCosts":
+        self.handles = [site.register_forward_hook(self._hook_for(i)) for i, site in enumerate(self.mask_set.sites)]
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+    def _hook_for(self, index: int):
+        site = self.mask_set.sites[index]
+
+        def add(site_input: torch.Tensor, grad: torch.Tensor) -> None:
+            if self.sums is None:
+                self.sums = [torch.zeros(s.shape, dtype=torch.float64, device=s.mask.device)
+                             for s in self.mask_set.sites]
+            effect = grad.float() * _replacement_delta(site_input, site.coeffs) * grad.shape[0]
+            self.sums[index] += (effect.abs() if self.absolute else effect).sum(dim=0).double()
+
+        def hook(module, args, output):
+            if module.training and output.requires_grad and module.hypotheses is None:
+                site_input = args[0].detach()
+                output.register_hook(lambda grad: add(site_input, grad))
+        return hook
+
+    def costs(self) -> torch.Tensor:
+        if self.sums is None:
+            return torch.zeros(self.mask_set.total(), dtype=torch.float64)
+        return torch.cat([s.reshape(-1).cpu() for s in self.sums])
+
+
 def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k indices drawn without replacement with probabilities softmax(logits) (the Gumbel-top-k trick)."""
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
