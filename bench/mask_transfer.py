@@ -31,7 +31,7 @@ from fastmask import checkpoint, data, report, train  # noqa: E402
 from fastmask.config import ESTIMATES, read_yaml, resolve  # noqa: E402
 from fastmask.errors import FastmaskError  # noqa: E402
 from fastmask.masks import MaskSet  # noqa: E402
-from fastmask.pipeline import _val_size, resolve_device  # noqa: E402
+from fastmask.pipeline import resolve_device, run_dataset  # noqa: E402
 from fastmask.search.proposal import removal_costs  # noqa: E402
 
 MASK_SOURCES = {"BCD": "targets", "SNL": "snl_targets"}
@@ -114,8 +114,7 @@ def main(argv=None) -> dict:
     if not budgets:
         raise FastmaskError(f"{run} has no budget with both a BCD and an SNL mask")
     device = resolve_device(args.device)
-    dataset = data.load_dataset(config.data.dataset, config.data.data_dir, val_size=_val_size(config.data.val_size),
-                                seed=config.seed)
+    dataset = run_dataset(config)
     teacher = None if teacher_path is None else checkpoint.load_model(teacher_path, device=device)
     epochs = config.finetune.target_epochs if args.epochs is None else args.epochs
     if epochs <= 0:

@@ -52,8 +52,11 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def _val_size(value: float) -> int | float:
-    return int(value) if value >= 1 else float(value)
+def run_dataset(config: RunConfig) -> data.Dataset:
+    """The dataset a run trains and measures on: its data settings, the val split chosen by its seed."""
+    val_size = config.data.val_size
+    return data.load_dataset(config.data.dataset, config.data.data_dir,
+                             val_size=int(val_size) if val_size >= 1 else float(val_size), seed=config.seed)
 
 
 class Pipeline:
@@ -91,8 +94,7 @@ class Pipeline:
             path = getattr(config.model, name)
             if path is not None and not Path(path).is_file():
                 raise FastmaskError(f"{name} {path} does not exist")
-        dataset = data.load_dataset(config.data.dataset, config.data.data_dir,
-                                    val_size=_val_size(config.data.val_size), seed=config.seed)
+        dataset = run_dataset(config)
         expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
                     "in_channels": dataset.in_channels, "arch": config.model.arch, "width": config.model.width}
         if config.model.checkpoint is not None:

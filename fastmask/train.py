@@ -107,21 +107,40 @@ def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return 100.0 * int(correct) / len(labels), float(loss_sum) / len(labels)
 
 
+def _eval_logits(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, dataset: Dataset, device,
+                 batch_size: int):
+    """(fp32 logits, labels) batch by batch over a uint8 split in order, in eval mode, without augmentation (the
+    model's train/eval flag is restored when the loop ends)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in iterate_batches(x_uint8, y, dataset, batch_size, device, shuffle=False, augment=False):
+            yield model(_to_model_format(images, model)).float(), labels
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, dataset: Dataset, device,
              batch_size: int = 512) -> tuple[float, float]:
     """(accuracy %, mean cross-entropy) of a uint8 split, in eval mode, without augmentation."""
     if len(y) == 0:
         return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
     correct, loss_sum = 0, 0.0
-    for images, labels in iterate_batches(x_uint8, y, dataset, batch_size, device, shuffle=False, augment=False):
-        logits = model(_to_model_format(images, model)).float()
+    for logits, labels in _eval_logits(model, x_uint8, y, dataset, device, batch_size):
         correct += int((logits.argmax(1) == labels).sum())
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-    model.train(was_training)
     return 100.0 * correct / len(y), loss_sum / len(y)
+
+
+@torch.no_grad()
+def correct_per_image(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, dataset: Dataset, device,
+                      batch_size: int = 512) -> torch.Tensor:
+    """Whether each image of a uint8 split is classified right (bool [len(y)], on the CPU), as evaluate counts it:
+    two models compared on the same images give a paired difference."""
+    right = [(logits.argmax(1) == labels).cpu()
+             for logits, labels in _eval_logits(model, x_uint8, y, dataset, device, batch_size)]
+    return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
 
 
 def _to_model_format(images: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -182,6 +182,19 @@ def test_extra_params_are_trained_without_weight_decay(small):
     assert torch.equal(extra.detach(), torch.ones(3))
 
 
+def test_correct_per_image_is_what_evaluate_counts(digits):
+    model = tiny_model(digits)
+    model.train()
+    right = training.correct_per_image(model, digits.val_x, digits.val_y, digits, "cpu", batch_size=37)
+    assert model.training  # its flag restored
+    with torch.no_grad():
+        logits = model.eval()(data.normalize(digits.val_x, digits, "cpu"))
+    assert right.dtype == torch.bool and torch.equal(right, logits.argmax(1) == digits.val_y)
+    accuracy, _ = training.evaluate(model, digits.val_x, digits.val_y, digits, "cpu")
+    assert 100.0 * right.float().mean().item() == pytest.approx(accuracy)
+    assert 0 < int(right.sum()) < len(right)  # both outcomes occur, so the comparison means something
+
+
 def test_evaluate_matches_evaluate_tensors(digits):
     model = tiny_model(digits)
     images = data.normalize(digits.val_x, digits, "cpu")
