@@ -26,6 +26,7 @@ ESTIMATES = ("signed", "absolute")
 ESTIMATE_SOURCES = ("subset", "subset+finetune")
 QUOTAS = ("none", "proportional")
 REMOVALS = ("hard", "fade")
+CONCENTRATIONS = ("none", "channels")
 SCORINGS = ("exact", "race")
 STEP_SCHEDULES = ("fresh", "continuous")
 
@@ -177,6 +178,12 @@ class BCDConfig:
     quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
                                  "every step's removals in proportion to its present ReLUs; informed candidates are "
                                  "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
+    # SNL's masks keep their ReLUs in 10-15% fewer channels than BCD's at the same budget (bench/FIDELITY.md): BCD
+    # leaves a few ReLUs scattered in channels that are otherwise linear.
+    concentrate: str = setting("none", "informed, absolute estimate: none, or channels (a ReLU's estimated cost is "
+                                       "scaled by how many ReLUs its channel still has, relative to the mean of its "
+                                       "site's channels in use, so ReLUs left scattered in nearly linear channels "
+                                       "go first)", choices=CONCENTRATIONS)
     # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
     # finetune then repairs. Fading did not help at the small scale (bench/FIDELITY.md, continuous-fade).
     removal: str = setting("hard", "hard: the chosen ReLUs are removed before the step's finetune (the paper's); "
@@ -188,9 +195,16 @@ class BCDConfig:
     race_eta: int = setting(2, "race: keep 1/eta of the candidates per round, eta times the images",
                             kind=whole, check=lambda v: None if v >= 2 else "must be >= 2")
 
+    def check_combinations(self) -> None:
+        """Settings that do not go together (no model needed)."""
+        if self.concentrate != "none" and self.proposal == "informed" and self.estimate != "absolute":
+            raise FastmaskError("--concentrate channels scales the absolute estimate (a signed cost can be negative, "
+                                "and scaling it down would make it dearer): use --estimate absolute")
+
     def validate(self, start_count: int) -> None:
         """The checks that need the model: targets given and below the count BCD starts from."""
         check(self)
+        self.check_combinations()
         if not self.targets:
             raise FastmaskError("BCD needs at least one target ReLU budget: --targets is required (e.g. --targets "
                                 "20000,15000)")
@@ -260,7 +274,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.quota": "none", "bcd.removal": "hard",
+              "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.concentrate": "none",
+              "bcd.quota": "none", "bcd.removal": "hard",
               "bcd.scoring": "exact",
               "replacement": "identity", "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
@@ -408,6 +423,7 @@ def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any] = {}, prese
 def validate(config: RunConfig) -> RunConfig:
     """Checks across settings that need no model (the model-dependent ones: BCDConfig.validate)."""
     check(config)
+    config.bcd.check_combinations()
     targets, ref = config.bcd.targets, config.snl.ref_budget
     if targets and ref is not None and targets[0] >= ref:
         raise FastmaskError(f"target {targets[0]} is at or above the reference budget {ref}; give targets below "

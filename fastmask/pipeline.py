@@ -372,6 +372,8 @@ class Pipeline:
                  + (", fading over each step's finetune" if b.removal == "fade" else "")
                  + (", the estimate summed over the finetunes too" if b.estimate_from == "subset+finetune"
                     and b.proposal == "informed" else "")
+                 + (", ReLUs scattered in sparse channels first" if b.concentrate == "channels"
+                    and b.proposal == "informed" else "")
                  + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
                  + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"

@@ -347,6 +347,36 @@ def test_the_estimate_summed_over_the_finetune_adds_to_the_next_steps_subset_est
     assert torch.equal(driver.finetune_costs, summed[2])  # kept (and saved) for a next step
 
 
+def test_concentrating_weighs_the_estimate_by_the_channels_relu_counts(tmp_path, data, monkeypatch):
+    images, labels = data
+    seen = []
+    real_costs, real_propose = bcd.removal_costs, bcd.propose
+
+    def spy_costs(*args, **kw):
+        seen.append({"costs": real_costs(*args, **kw), "weights": proposal.channel_weights(MaskSet(args[0]))})
+        return seen[-1]["costs"]
+
+    def spy_propose(costs, *args, **kw):
+        seen[-1]["proposed"] = costs
+        return real_propose(costs, *args, **kw)
+
+    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    monkeypatch.setattr(bcd, "propose", spy_propose)
+    driver = BCD(tiny_model(), BCDConfig(targets=[700], drc=100, rt=2, concentrate="channels"), images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        driver.run()
+    assert len(seen) == 3
+    for s in seen:
+        present = torch.isfinite(s["costs"])
+        assert torch.equal(s["proposed"][present], (s["costs"] * s["weights"])[present])
+        assert torch.equal(torch.isfinite(s["proposed"]), present)
+    assert not torch.equal(seen[-1]["weights"], torch.ones_like(seen[-1]["weights"]))  # channels emptied unevenly
+    with pytest.raises(FastmaskError, match="use --estimate absolute"):
+        BCD(tiny_model(), BCDConfig(targets=[700], drc=100, concentrate="channels", estimate="signed"), images,
+            labels, sgd_finetune(images, labels), tmp_path / "signed").run()
+
+
 @pytest.mark.parametrize("proposal_rule", ["informed", "uniform"])
 def test_the_driver_takes_each_sites_quota_per_step(tmp_path, data, proposal_rule):
     images, labels = data
@@ -401,10 +431,10 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     images, labels = data
 
     def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none", removal: str = "hard",
-               estimate_from: str = "subset") -> BCD:
+               estimate_from: str = "subset", concentrate: str = "none") -> BCD:
         return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
                                            drc_fraction=drc_fraction, quota=quota, removal=removal,
-                                           estimate_from=estimate_from), images, labels,
+                                           estimate_from=estimate_from, concentrate=concentrate), images, labels,
                    sgd_finetune(images, labels), tmp_path, log=lambda m: None, finetune_steps=2)
 
     with pytest.warns(RuntimeWarning):
@@ -413,7 +443,7 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal", "estimate_from"):
+    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal", "estimate_from", "concentrate"):
         del state["config"][setting]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
@@ -427,6 +457,8 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
         driver("signed", removal="fade").run(resume=True)
     with pytest.raises(FastmaskError, match="another run"):
         driver("signed", estimate_from="subset+finetune").run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("absolute", concentrate="channels").run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):

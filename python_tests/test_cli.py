@@ -68,6 +68,7 @@ def fails(argv, capsys, other_run, expected: str) -> None:
     (["--criterion", "f1"], "invalid choice"),
     (["--quota", "even"], "invalid choice"),
     (["--estimate-from", "test"], "invalid choice"),
+    (["--concentrate", "channels", "--estimate", "signed", "--targets", "10"], "use --estimate absolute"),
     ([], "holds a different run"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(argv, expected, capsys, other_run):
@@ -107,6 +108,7 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "finetune-max-steps": "9", "finetune-step-schedule": "fresh",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "estimate": "signed", "estimate-from": "subset+finetune", "pool": "2.5",
+          "concentrate": "channels",
           "quota": "proportional", "removal": "fade", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
           "method": "both", "replacement": "polynomial"}
@@ -143,7 +145,7 @@ def test_paper_preset_is_algorithm_2():
     assert config.bcd.drc_fraction == 0  # DRC ReLUs per step, not a share
     assert config.bcd.quota == "none"  # candidates drawn over all sites
     assert config.bcd.removal == "hard"  # removed before the step's finetune
-    assert config.bcd.estimate_from == "subset"
+    assert config.bcd.estimate_from == "subset" and config.bcd.concentrate == "none"
     assert (config.bcd.proposal, config.bcd.scoring, config.replacement, config.method) == \
         ("uniform", "exact", "identity", "bcd")
     assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
@@ -160,8 +162,8 @@ def test_the_default_search_is_the_one_measured_best():
     """bench/FIDELITY.md's continuous arm, where its settings do not depend on the scale."""
     config, _, _ = cli.parse(["--dataset", "cifar10", "--targets", "15000"])
     b, f = config.bcd, config.finetune
-    assert (b.proposal, b.estimate, b.estimate_from, b.quota, b.removal, b.scoring, b.rt, b.adt) == \
-        ("informed", "absolute", "subset", "none", "hard", "race", 2, 0.3)
+    assert (b.proposal, b.estimate, b.estimate_from, b.concentrate, b.quota, b.removal, b.scoring, b.rt, b.adt) == \
+        ("informed", "absolute", "subset", "none", "none", "hard", "race", 2, 0.3)
     assert (f.optimizer, f.lr, f.step_schedule, f.target_epochs) == ("adam", 1e-3, "continuous", 10)
     assert (b.drc, b.drc_fraction, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == \
         (100, 0, 0, 20, 100)

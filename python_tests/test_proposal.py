@@ -14,7 +14,7 @@ import fastmask as fm
 from fastmask.config import BCDConfig
 from fastmask.errors import FastmaskError
 from fastmask.search.polynomial import fit_polynomial, make_polynomial
-from fastmask.search.proposal import FinetuneCosts, propose, removal_costs, site_quotas
+from fastmask.search.proposal import FinetuneCosts, channel_weights, propose, removal_costs, site_quotas
 from fastmask.search.scoring import score_current, score_hypotheses
 
 # The run config's defaults for the informed proposal.
@@ -216,6 +216,35 @@ def test_finetune_costs_are_zero_without_a_training_pass():
     with FinetuneCosts(model) as summed:
         F.cross_entropy(model(images), labels).backward()  # eval-mode forwards are not the finetune's
     assert torch.equal(summed.costs(), torch.zeros(fm.MaskSet(model).total(), dtype=torch.float64))
+
+
+def test_channel_weights_hand_checked():
+    model = fm.models.create("resnet18", CLASSES, IMAGE, width=4)
+    masks = fm.MaskSet(model)
+    site = masks.sites[0]  # [4, H, W]
+    positions = site.mask[0].numel()
+    site.mask.zero_()
+    site.mask[0].view(-1)[:6] = True  # channel 0 keeps 6 ReLUs, channel 1 keeps 2, channels 2 and 3 none
+    site.mask[1].view(-1)[:2] = True
+    weights = channel_weights(masks)
+    assert weights.shape == (masks.total(),) and weights.dtype == torch.float64
+    first = weights[:site.mask.numel()].view(site.shape)
+    # the mean over channels in use is 4: 6 / 4 and 2 / 4; empty channels weigh 0
+    assert torch.equal(first[:, 0, 0], torch.tensor([1.5, 0.5, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(first[0], torch.full_like(first[0], 1.5)) and first[0].numel() == positions
+    # a site whose channels are all full weighs 1 everywhere
+    assert torch.equal(weights[site.mask.numel():masks.offsets[2]], torch.ones(masks.sizes[1], dtype=torch.float64))
+
+
+def test_channel_weights_make_stragglers_the_cheapest():
+    model = fm.models.create("resnet18", CLASSES, IMAGE, width=4)
+    masks = fm.MaskSet(model)
+    site = masks.sites[0]
+    site.mask[1:].view(3, -1)[:, 3:] = False  # channels 1-3 keep 3 ReLUs each, channel 0 all of them
+    costs = torch.where(masks.flat(), 1.0, math.inf).double()  # every present ReLU costs the same
+    weighted = (costs * channel_weights(masks))[:site.mask.numel()].view(site.shape)
+    stragglers = weighted[1:][site.mask[1:]]
+    assert stragglers.numel() == 9 and (stragglers < weighted[0].min()).all()
 
 
 # ---- propose ---------------------------------------------------------------------------------------------------

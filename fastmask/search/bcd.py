@@ -31,7 +31,7 @@ from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
-from .proposal import FinetuneCosts, propose, removal_costs
+from .proposal import FinetuneCosts, channel_weights, propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
@@ -205,7 +205,8 @@ class BCD:
         return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "drc_fraction": float(c.drc_fraction),
                 "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
-                "proposal": c.proposal, "estimate": c.estimate, "estimate_from": c.estimate_from, "pool": c.pool,
+                "proposal": c.proposal, "estimate": c.estimate, "estimate_from": c.estimate_from,
+                "concentrate": c.concentrate, "pool": c.pool,
                 "quota": c.quota, "removal": c.removal,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None,
@@ -218,9 +219,9 @@ class BCD:
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
         # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota, hard
-        # removals, the estimate over the subset alone
+        # removals, the estimate over the subset alone, no channel weights
         saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
-                 "removal": "hard", "estimate_from": "subset", **state["config"]}
+                 "removal": "hard", "estimate_from": "subset", "concentrate": "none", **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -368,6 +369,8 @@ class BCD:
             self.finetune_costs = None
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
+        if config.concentrate == "channels":  # absent ReLUs stay +inf (an empty channel weighs 0)
+            costs = torch.where(torch.isfinite(costs), costs * channel_weights(self.mask_set), costs)
         candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
                              temperature=config.temperature, site_sizes=sites)
         if self.group is not None:

@@ -143,6 +143,29 @@ class FinetuneCosts:
         return torch.cat([s.reshape(-1).cpu() for s in self.sums])
 
 
+def channel_weights(mask_set: MaskSet) -> torch.Tensor:
+    """Per ReLU, how many ReLUs its channel still has relative to the mean over its site's channels that have any:
+    float64 [mask_set.total()] (1 for sites without channels, [D]; absent ReLUs get their channel's value).
+
+    Multiplied into the absolute estimate (bcd.concentrate channels), it makes a ReLU left with few others in an
+    otherwise linear channel cheaper and one in a channel that is still mostly nonlinear dearer, so the kept ReLUs
+    gather in fewer channels, as SNL's do (bench/FIDELITY.md). The mean is over channels in use, so a site's weights
+    average about 1 and the estimate's balance between sites stays.
+    """
+    parts = []
+    for site in mask_set.sites:
+        mask = site.mask.detach().cpu()
+        if mask.dim() < 2:
+            parts.append(torch.ones(mask.numel(), dtype=torch.float64))
+            continue
+        per_channel = mask.reshape(mask.shape[0], -1).sum(dim=1).double()
+        used = per_channel[per_channel > 0]
+        mean = float(used.mean()) if used.numel() else 1.0
+        weight = (per_channel / mean).view(-1, *([1] * (mask.dim() - 1))).expand(mask.shape)
+        parts.append(weight.reshape(-1))
+    return torch.cat(parts)
+
+
 def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k indices drawn without replacement with probabilities softmax(logits) (the Gumbel-top-k trick)."""
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
