@@ -161,7 +161,8 @@ class BCDConfig:
     estimate: str = setting("absolute", "informed: a ReLU's removal cost is the sum of the per-image sizes of its "
                                         "first-order effect (absolute) or |their sum| (signed)", choices=ESTIMATES)
     # SNL's alphas integrate their gradient over every batch of the alpha phase; the subset's estimate is one pass
-    # over 1-2K images. The finetune's backward already holds the same product for every ReLU and batch.
+    # over 1-2K images. The finetune's backward already holds the same product for every ReLU and batch. Measured,
+    # it moved BCD's masks towards SNL's but not its accuracy (bench/FIDELITY.md, continuous-summed).
     estimate_from: str = setting("subset", "informed: the images the estimate sums over: subset (one forward and "
                                            "backward over the scoring subset after each finetune), or "
                                            "subset+finetune (plus every batch of the finetunes since the last "
@@ -178,8 +179,9 @@ class BCDConfig:
     quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
                                  "every step's removals in proportion to its present ReLUs; informed candidates are "
                                  "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
-    # SNL's masks keep their ReLUs in 10-15% fewer channels than BCD's at the same budget (bench/FIDELITY.md): BCD
-    # leaves a few ReLUs scattered in channels that are otherwise linear.
+    # SNL's masks keep their ReLUs in 10-15% fewer channels than BCD's at the same budget: BCD leaves a few ReLUs
+    # scattered in channels that are otherwise linear. Measured, the weights overshoot SNL's concentration and did
+    # not move accuracy beyond noise (bench/FIDELITY.md, continuous-channels).
     concentrate: str = setting("none", "informed, absolute estimate: none, or channels (a ReLU's estimated cost is "
                                        "scaled by how many ReLUs its channel still has, relative to the mean of its "
                                        "site's channels in use, so ReLUs left scattered in nearly linear channels "
