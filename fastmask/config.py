@@ -277,9 +277,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
               "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.concentrate": "none",
-              "bcd.quota": "none", "bcd.removal": "hard",
-              "bcd.scoring": "exact",
-              "replacement": "identity", "method": "bcd",
+              "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact", "replacement": "identity",
+              "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.
