@@ -35,6 +35,13 @@ def _replacement_delta(x: torch.Tensor, coeffs: Optional[torch.Tensor]) -> torch
     return replaced - torch.relu(xf)
 
 
+def _summed_effect(grad: torch.Tensor, site_input: torch.Tensor, coeffs: Optional[torch.Tensor], absolute: bool,
+                   scale: float = 1.0) -> torch.Tensor:
+    """sum over the batch of scale * dL/dy * (r(x) - relu(x)) (of its size per image when absolute), float64."""
+    effect = grad.float() * _replacement_delta(site_input, coeffs) * scale
+    return (effect.abs() if absolute else effect).sum(dim=0).double()
+
+
 def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256, *,
                   absolute: bool = False) -> torch.Tensor:
     """First-order loss increase of removing each ReLU: float64 [MaskSet(model).total()], +inf where absent.
@@ -80,10 +87,7 @@ def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                 for i, grad in zip(order, grads, strict=True):
                     if grad is None:  # a site whose output does not reach the loss
                         continue
-                    site_input = captured[i][0]
-                    delta = _replacement_delta(site_input, mask_set.sites[i].coeffs)
-                    effect = grad.float() * delta
-                    sums[i] += (effect.abs() if absolute else effect).sum(dim=0).double()
+                    sums[i] += _summed_effect(grad, captured[i][0], mask_set.sites[i].coeffs, absolute)
                 captured.clear()
     finally:
         for handle in handles:
@@ -128,8 +132,7 @@ class FinetuneCosts:
             if self.sums is None:
                 self.sums = [torch.zeros(s.shape, dtype=torch.float64, device=s.mask.device)
                              for s in self.mask_set.sites]
-            effect = grad.float() * _replacement_delta(site_input, site.coeffs) * grad.shape[0]
-            self.sums[index] += (effect.abs() if self.absolute else effect).sum(dim=0).double()
+            self.sums[index] += _summed_effect(grad, site_input, site.coeffs, self.absolute, scale=grad.shape[0])
 
         def hook(module, args, output):
             if module.training and output.requires_grad and module.hypotheses is None:
