@@ -30,8 +30,9 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      alphas fall while the weights train; "continuous-summed": continuous with the estimate that draws its
      candidates summed over every batch of the finetunes as well as the scoring subset (bcd.estimate_from), as SNL's
      alphas integrate their gradient over the whole alpha phase; "continuous-channels": continuous with each ReLU's
-     estimated cost weighed by its channel's ReLU count (bcd.concentrate), as SNL keeps its ReLUs in fewer channels.
-     These nine spend, to every target, no more images than gradual does, from its start and seed: their SNL rows
+     estimated cost weighed by its channel's ReLU count (bcd.concentrate), as SNL keeps its ReLUs in fewer channels;
+     "continuous-summed-signed": continuous-summed with the signed estimate, the sum an SNL alpha's gradient takes.
+     These ten spend, to every target, no more images than gradual does, from its start and seed: their SNL rows
      are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
@@ -97,7 +98,7 @@ TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed",
-        "continuous-channels", "settled-polynomial", "continuous-polynomial", "polynomial")
+        "continuous-summed-signed", "continuous-channels", "settled-polynomial", "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -156,7 +157,7 @@ def geometric_search(scale: dict) -> dict:
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
-                  "continuous-channels")
+                  "continuous-summed-signed", "continuous-channels")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -167,7 +168,7 @@ FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "p
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
             "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
             "continuous-fade": "gradual", "continuous-summed": "gradual",
-            "continuous-channels": "gradual"}
+            "continuous-summed-signed": "gradual", "continuous-channels": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -211,6 +212,11 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # continuous with candidates drawn on an estimate over 5x the images (the finetune's 4,608 per step
             # besides the subset's 1,024), taken from the finetune's own backward: no image more than continuous
             "continuous-summed": {**continuous, "bcd.estimate_from": "subset+finetune"},
+            # the signed sum is what an SNL alpha's gradient integrates; one pass over the subset made it too noisy
+            # (per-image effects of both signs cancel: gradual against gradual-absolute), summed over the
+            # finetunes' batches it has about 5x the images per step
+            "continuous-summed-signed": {**continuous, "bcd.estimate_from": "subset+finetune",
+                                         "bcd.estimate": "signed"},
             # continuous gathering its ReLUs in fewer channels: SNL's masks in continuous's runs use 10-15% fewer
             # channels than BCD's at both budgets and every seed (a count on the masks, no accuracy involved)
             "continuous-channels": {**continuous, "bcd.concentrate": "channels"},
@@ -487,8 +493,9 @@ def markdown(p: dict) -> str:
              f"{GEOMETRIC_FRACTION:g} of the present ReLUs per step; continuous-quota = continuous with each site "
              "giving its share of every step's removals; continuous-fade = continuous with each step's ReLUs fading "
              "to the identity over its finetune; continuous-summed = continuous with the estimate summed over the "
-             "finetunes' batches too; continuous-channels = continuous weighing each ReLU's estimate by its "
-             "channel's ReLU count (the SNL rows of the last nine are gradual's SNL "
+             "finetunes' batches too; continuous-summed-signed = continuous-summed with the signed estimate; "
+             "continuous-channels = continuous weighing each ReLU's estimate by its "
+             "channel's ReLU count (the SNL rows of the last ten are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "
