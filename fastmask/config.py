@@ -162,7 +162,8 @@ class BCDConfig:
                                         "first-order effect (absolute) or |their sum| (signed)", choices=ESTIMATES)
     # SNL's alphas integrate their gradient over every batch of the alpha phase; the subset's estimate is one pass
     # over 1-2K images. The finetune's backward already holds the same product for every ReLU and batch. Measured,
-    # it moved BCD's masks towards SNL's but not its accuracy (bench/FIDELITY.md, continuous-summed).
+    # it moved BCD's masks towards SNL's but not its accuracy, and the signed sum stayed worse than the absolute one
+    # (bench/FIDELITY.md, continuous-summed and continuous-summed-signed).
     estimate_from: str = setting("subset", "informed: the images the estimate sums over: subset (one forward and "
                                            "backward over the scoring subset after each finetune), or "
                                            "subset+finetune (plus every batch of the finetunes since the last "
