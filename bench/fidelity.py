@@ -31,9 +31,11 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      candidates summed over every batch of the finetunes as well as the scoring subset (bcd.estimate_from), as SNL's
      alphas integrate their gradient over the whole alpha phase; "continuous-channels": continuous with each ReLU's
      estimated cost weighed by its channel's ReLU count (bcd.concentrate), as SNL keeps its ReLUs in fewer channels;
-     "continuous-summed-signed": continuous-summed with the signed estimate, the sum an SNL alpha's gradient takes.
-     These ten spend, to every target, no more images than gradual does, from its start and seed: their SNL rows
-     are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
+     "continuous-summed-signed": continuous-summed with the signed estimate, the sum an SNL alpha's gradient takes;
+     "continuous-restore": continuous putting back, every step, up to a third of its DRC (RESTORE_SHARE) of the
+     absent ReLUs whose signed estimate says the loss falls most, and removing as many more (bcd.restore), as SNL's
+     alphas can grow back. These eleven spend, to every target, no more images than gradual does, from its start
+     and seed: their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -97,8 +99,8 @@ SIGNED = {"bcd.estimate": "signed"}
 TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
-        "continuous-quota", "continuous-fade", "continuous-summed",
-        "continuous-summed-signed", "continuous-channels", "settled-polynomial", "continuous-polynomial", "polynomial")
+        "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
+        "continuous-restore", "settled-polynomial", "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -157,7 +159,7 @@ def geometric_search(scale: dict) -> dict:
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
-                  "continuous-summed-signed", "continuous-channels")
+                  "continuous-summed-signed", "continuous-channels", "continuous-restore")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -168,13 +170,17 @@ FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "p
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
             "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
             "continuous-fade": "gradual", "continuous-summed": "gradual",
-            "continuous-summed-signed": "gradual", "continuous-channels": "gradual"}
+            "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
+            "continuous-restore": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
 # The "continuous-geometric" arm's share of the ReLUs removed per step (fixed before its run): at the small scale it
 # cuts 6,000 -> 3,000 -> 1,500 into 7 + 7 steps (continuous: 10 + 5, the last 300 being 17% of the 1,800 left).
 GEOMETRIC_FRACTION = 0.1
+# The "continuous-restore" arm's restores per step, a share of DRC (fixed before its run): 100 of every step's 300
+# go back, 400 come out.
+RESTORE_SHARE = 1 / 3
 
 
 def lean_arms(scale: str, root: Path) -> dict[str, dict]:
@@ -220,6 +226,9 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # continuous gathering its ReLUs in fewer channels: SNL's masks in continuous's runs use 10-15% fewer
             # channels than BCD's at both budgets and every seed (a count on the masks, no accuracy involved)
             "continuous-channels": {**continuous, "bcd.concentrate": "channels"},
+            # continuous with swaps: SNL's alphas can grow back while its weights train, BCD's removals were final.
+            # Eight variants that only chose the removals differently did not move BCD (bench/FIDELITY.md)
+            "continuous-restore": {**continuous, "bcd.restore": RESTORE_SHARE},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -495,7 +504,9 @@ def markdown(p: dict) -> str:
              "to the identity over its finetune; continuous-summed = continuous with the estimate summed over the "
              "finetunes' batches too; continuous-summed-signed = continuous-summed with the signed estimate; "
              "continuous-channels = continuous weighing each ReLU's estimate by its "
-             "channel's ReLU count (the SNL rows of the last ten are gradual's SNL "
+             "channel's ReLU count; continuous-restore = continuous putting back, every step, up to "
+             f"{RESTORE_SHARE:.2g} of its DRC of the absent ReLUs estimated to lower the loss most, and removing as "
+             "many more (the SNL rows of the last eleven are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

@@ -187,6 +187,12 @@ class BCDConfig:
                                        "scaled by how many ReLUs its channel still has, relative to the mean of its "
                                        "site's channels in use, so ReLUs left scattered in nearly linear channels "
                                        "go first)", choices=CONCENTRATIONS)
+    # SNL's alphas can grow back while its weights train; a BCD removal is final. A restore swaps: the step puts back
+    # the absent ReLUs whose signed first-order estimate (from the same pass) says the loss falls most, and removes
+    # as many more, so the net step stays DRC.
+    restore: float = setting(0.0, "informed: each step also puts back up to this share of its removals (of DRC), "
+                                  "the absent ReLUs estimated to lower the loss most, and removes as many more",
+                             kind=number, check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
     # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
     # finetune then repairs. Fading did not help at the small scale (bench/FIDELITY.md, continuous-fade).
     removal: str = setting("hard", "hard: the chosen ReLUs are removed before the step's finetune (the paper's); "
@@ -278,8 +284,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
               "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.concentrate": "none",
-              "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact", "replacement": "identity",
-              "method": "bcd",
+              "bcd.restore": 0.0, "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact",
+              "replacement": "identity", "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},
     # The offline demo: 1,797 digits at 16x16, resnet18 at width 8 (15,360 ReLUs), a few minutes on 2 CPU cores.

@@ -106,6 +106,15 @@ class MaskSet:
         mask[flat.cpu()] = False
         self.set_flat(mask)
 
+    def reinstate(self, flat: torch.Tensor) -> None:
+        """Puts ReLUs back at these flat indices (they must be absent)."""
+        mask = self.flat()
+        flat = flat.cpu()
+        if bool(mask[flat].any()):
+            raise FastmaskError("reinstate: every ReLU to put back must be absent")
+        mask[flat] = True
+        self.set_flat(mask)
+
     def candidate_masks(self, candidates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """For K candidates (flat indices to remove), per-site [K, *shape] bool masks: the current mask minus each."""
         k = len(candidates)

@@ -374,6 +374,8 @@ class Pipeline:
                     and b.proposal == "informed" else "")
                  + (", ReLUs scattered in sparse channels first" if b.concentrate == "channels"
                     and b.proposal == "informed" else "")
+                 + (f", putting back up to {b.restore:g} of each step's removals" if b.restore > 0
+                    and b.proposal == "informed" else "")
                  + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
                  f"{finetune.epochs} finetune epochs per step"
                  + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"

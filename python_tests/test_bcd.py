@@ -58,11 +58,11 @@ def sgd_finetune(images, labels, calls=None):
 
 
 def run_driver(tmp_path, data, *, targets=(700, 455, 300), drc=100, rt=3, adt=0.3, seed=0, on_step=None,
-               finetune=None, resume=False, model=None, criterion="accuracy", estimate_from="subset"):
+               finetune=None, resume=False, model=None, criterion="accuracy", estimate_from="subset", restore=0.0):
     images, labels = data
     model = model if model is not None else tiny_model()
     driver = BCD(model, BCDConfig(targets=list(targets), drc=drc, rt=rt, adt=adt, criterion=criterion,
-                                  estimate_from=estimate_from),
+                                  estimate_from=estimate_from, restore=restore),
                  images, labels, finetune or sgd_finetune(images, labels), tmp_path, seed=seed, on_step=on_step,
                  log=lambda message: None)
     with pytest.warns(RuntimeWarning) if not resume else _no_check():
@@ -295,14 +295,14 @@ def test_race_and_informed_candidates_drive_the_step(tmp_path, data, monkeypatch
 @pytest.mark.parametrize("estimate", ["signed", "absolute"])
 def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch, estimate):
     seen = []
-    real_costs = bcd.removal_costs
+    real_costs = bcd.removal_and_restore_costs
 
     def spy_costs(*args, **kw):
-        costs = real_costs(*args, **kw)
-        seen.append((kw.get("absolute"), costs, real_costs(*args, **{**kw, "absolute": True})))
-        return costs
+        costs, gains = real_costs(*args, **kw)
+        seen.append((kw.get("absolute"), costs, real_costs(*args, **{**kw, "absolute": True})[0]))
+        return costs, gains
 
-    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    monkeypatch.setattr(bcd, "removal_and_restore_costs", spy_costs)
     images, labels = data
     driver = BCD(tiny_model(), BCDConfig(targets=[900], drc=60, rt=2, adt=0.3, estimate=estimate), images, labels,
                  lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
@@ -316,11 +316,12 @@ def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch
 def test_the_estimate_summed_over_the_finetune_adds_to_the_next_steps_subset_estimate(tmp_path, data, monkeypatch):
     images, labels = data
     subset_costs, proposed = [], []
-    real_costs, real_propose = bcd.removal_costs, bcd.propose
+    real_costs, real_propose = bcd.removal_and_restore_costs, bcd.propose
 
     def spy_costs(*args, **kw):
-        subset_costs.append(real_costs(*args, **kw))
-        return subset_costs[-1]
+        costs, gains = real_costs(*args, **kw)
+        subset_costs.append(costs)
+        return costs, gains
 
     def spy_propose(costs, *args, **kw):
         proposed.append(costs.clone())
@@ -334,7 +335,7 @@ def test_the_estimate_summed_over_the_finetune_adds_to_the_next_steps_subset_est
         summed.append(mine.costs())
         return {"val_acc": 50.0}
 
-    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    monkeypatch.setattr(bcd, "removal_and_restore_costs", spy_costs)
     monkeypatch.setattr(bcd, "propose", spy_propose)
     driver = BCD(tiny_model(), BCDConfig(targets=[700], drc=100, rt=2, estimate_from="subset+finetune"), images,
                  labels, finetune, tmp_path, log=lambda message: None)
@@ -350,17 +351,18 @@ def test_the_estimate_summed_over_the_finetune_adds_to_the_next_steps_subset_est
 def test_concentrating_weighs_the_estimate_by_the_channels_relu_counts(tmp_path, data, monkeypatch):
     images, labels = data
     seen = []
-    real_costs, real_propose = bcd.removal_costs, bcd.propose
+    real_costs, real_propose = bcd.removal_and_restore_costs, bcd.propose
 
     def spy_costs(*args, **kw):
-        seen.append({"costs": real_costs(*args, **kw), "weights": proposal.channel_weights(MaskSet(args[0]))})
-        return seen[-1]["costs"]
+        costs, gains = real_costs(*args, **kw)
+        seen.append({"costs": costs, "weights": proposal.channel_weights(MaskSet(args[0]))})
+        return costs, gains
 
     def spy_propose(costs, *args, **kw):
         seen[-1]["proposed"] = costs
         return real_propose(costs, *args, **kw)
 
-    monkeypatch.setattr(bcd, "removal_costs", spy_costs)
+    monkeypatch.setattr(bcd, "removal_and_restore_costs", spy_costs)
     monkeypatch.setattr(bcd, "propose", spy_propose)
     driver = BCD(tiny_model(), BCDConfig(targets=[700], drc=100, rt=2, concentrate="channels"), images, labels,
                  sgd_finetune(images, labels), tmp_path, log=lambda message: None)
@@ -375,6 +377,37 @@ def test_concentrating_weighs_the_estimate_by_the_channels_relu_counts(tmp_path,
     with pytest.raises(FastmaskError, match="use --estimate absolute"):
         BCD(tiny_model(), BCDConfig(targets=[700], drc=100, concentrate="channels", estimate="signed"), images,
             labels, sgd_finetune(images, labels), tmp_path / "signed").run()
+
+
+def test_a_restore_puts_back_the_absent_relus_of_largest_gain_and_removes_as_many_more(tmp_path, data,
+                                                                                       monkeypatch):
+    images, labels = data
+    seen = []
+    real_costs = bcd.removal_and_restore_costs
+
+    def spy_costs(*args, **kw):
+        costs, gains = real_costs(*args, **kw)
+        seen.append({"before": MaskSet(args[0]).flat(), "gains": gains})
+        return costs, gains
+
+    def on_step(record, driver):
+        seen[-1]["after"] = driver.mask_set.flat()
+
+    monkeypatch.setattr(bcd, "removal_and_restore_costs", spy_costs)
+    model = tiny_model()
+    driver = BCD(model, BCDConfig(targets=[700, 455], drc=100, rt=2, restore=0.5), images, labels,
+                 sgd_finetune(images, labels), tmp_path, log=lambda message: None, on_step=on_step)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    assert [t["budget"] for t in result.targets] == [700, 455] and MaskSet(model).count() == 455
+    assert len(seen) == len(result.history) and sum(r["restored"] for r in result.history) > 0
+    for record, s in zip(result.history, seen, strict=True):
+        back = (~s["before"] & s["after"]).nonzero().squeeze(1)
+        gone = (s["before"] & ~s["after"]).nonzero().squeeze(1)
+        assert back.numel() == record["restored"] <= round(0.5 * (record["budget_before"] - record["budget_after"]))
+        assert gone.numel() == record["removed"] == record["budget_before"] - record["budget_after"] + back.numel()
+        assert torch.equal(back, proposal.to_restore(s["gains"], back.numel()))  # the largest gains
+        assert (s["gains"][back] > 0).all()
 
 
 @pytest.mark.parametrize("proposal_rule", ["informed", "uniform"])
@@ -431,10 +464,11 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     images, labels = data
 
     def driver(estimate: str, drc_fraction: float = 0.0, quota: str = "none", removal: str = "hard",
-               estimate_from: str = "subset", concentrate: str = "none") -> BCD:
+               estimate_from: str = "subset", concentrate: str = "none", restore: float = 0.0) -> BCD:
         return BCD(tiny_model(), BCDConfig(targets=[860], drc=100, rt=3, estimate=estimate,
                                            drc_fraction=drc_fraction, quota=quota, removal=removal,
-                                           estimate_from=estimate_from, concentrate=concentrate), images, labels,
+                                           estimate_from=estimate_from, concentrate=concentrate, restore=restore),
+                   images, labels,
                    sgd_finetune(images, labels), tmp_path, log=lambda m: None, finetune_steps=2)
 
     with pytest.warns(RuntimeWarning):
@@ -443,7 +477,8 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     state = json.loads(metadata["bcd_state"])
-    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal", "estimate_from", "concentrate"):
+    for setting in ("estimate", "step_schedule", "drc_fraction", "quota", "removal", "estimate_from", "concentrate",
+                    "restore"):
         del state["config"][setting]
     save_file(load_file(str(path)), str(path), metadata={**metadata, "bcd_state": json.dumps(state)})
     assert [t["budget"] for t in driver("signed").run(resume=True).targets] == [860]
@@ -459,6 +494,8 @@ def test_a_state_from_before_the_estimate_step_schedule_and_fraction_settings_re
         driver("signed", estimate_from="subset+finetune").run(resume=True)
     with pytest.raises(FastmaskError, match="another run"):
         driver("absolute", concentrate="channels").run(resume=True)
+    with pytest.raises(FastmaskError, match="another run"):
+        driver("signed", restore=0.5).run(resume=True)
 
 
 def test_reference_is_remeasured_after_every_finetune(tmp_path, data, monkeypatch):
@@ -504,11 +541,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("estimate_from", ["subset", "subset+finetune"])
+@pytest.mark.parametrize("estimate_from, restore", [("subset", 0.0), ("subset+finetune", 0.0), ("subset", 0.5)])
 @pytest.mark.parametrize("where", ["after_state_written", "during_finetune"])
-def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, where, estimate_from):
+def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, where, estimate_from, restore):
     images, labels = data
-    reference, full = run_driver(tmp_path / "full", data, estimate_from=estimate_from)
+    reference, full = run_driver(tmp_path / "full", data, estimate_from=estimate_from, restore=restore)
+    if restore:
+        assert sum(r["restored"] for r in full.history) > 0
 
     kill_step = 4  # the step that reaches target 700 is 3: the kill lands after a target was saved
     plain = sgd_finetune(images, labels)
@@ -524,10 +563,11 @@ def test_resume_after_a_kill_gives_the_same_masks_and_weights(tmp_path, data, wh
         return plain(model, step)
 
     with pytest.raises(Killed):
-        run_driver(tmp_path / "killed", data, on_step=on_step, finetune=finetune, estimate_from=estimate_from)
+        run_driver(tmp_path / "killed", data, on_step=on_step, finetune=finetune, estimate_from=estimate_from,
+                   restore=restore)
     torch.manual_seed(12345)  # a new process: the global RNG is wherever it is
     resumed, result = run_driver(tmp_path / "killed", data, finetune=plain, resume=True, model=tiny_model(seed=7),
-                                 estimate_from=estimate_from)
+                                 estimate_from=estimate_from, restore=restore)
     assert torch.equal(MaskSet(resumed).flat(), MaskSet(reference).flat())
     assert weights_equal(resumed, reference)
     assert [r["budget_after"] for r in result.history] == [r["budget_after"] for r in full.history]

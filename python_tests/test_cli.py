@@ -69,6 +69,7 @@ def fails(argv, capsys, other_run, expected: str) -> None:
     (["--quota", "even"], "invalid choice"),
     (["--estimate-from", "test"], "invalid choice"),
     (["--concentrate", "channels", "--estimate", "signed", "--targets", "10"], "use --estimate absolute"),
+    (["--restore", "1.5", "--targets", "10"], "restore must be in [0, 1]"),
     ([], "holds a different run"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(argv, expected, capsys, other_run):
@@ -108,7 +109,7 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "finetune-max-steps": "9", "finetune-step-schedule": "fresh",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "estimate": "signed", "estimate-from": "subset+finetune", "pool": "2.5",
-          "concentrate": "channels",
+          "concentrate": "channels", "restore": "0.4",
           "quota": "proportional", "removal": "fade", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
           "method": "both", "replacement": "polynomial"}
@@ -146,6 +147,7 @@ def test_paper_preset_is_algorithm_2():
     assert config.bcd.quota == "none"  # candidates drawn over all sites
     assert config.bcd.removal == "hard"  # removed before the step's finetune
     assert config.bcd.estimate_from == "subset" and config.bcd.concentrate == "none"
+    assert config.bcd.restore == 0  # removals are final
     assert (config.bcd.proposal, config.bcd.scoring, config.replacement, config.method) == \
         ("uniform", "exact", "identity", "bcd")
     assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
@@ -164,6 +166,7 @@ def test_the_default_search_is_the_one_measured_best():
     b, f = config.bcd, config.finetune
     assert (b.proposal, b.estimate, b.estimate_from, b.concentrate, b.quota, b.removal, b.scoring, b.rt, b.adt) == \
         ("informed", "absolute", "subset", "none", "none", "hard", "race", 2, 0.3)
+    assert b.restore == 0
     assert (f.optimizer, f.lr, f.step_schedule, f.target_epochs) == ("adam", 1e-3, "continuous", 10)
     assert (b.drc, b.drc_fraction, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == \
         (100, 0, 0, 20, 100)

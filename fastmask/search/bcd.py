@@ -31,7 +31,7 @@ from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
-from .proposal import FinetuneCosts, channel_weights, propose, removal_costs
+from .proposal import FinetuneCosts, channel_weights, propose, removal_and_restore_costs, to_restore
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
@@ -206,7 +206,7 @@ class BCD:
                 "rt": int(c.rt), "adt": float(c.adt),
                 "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
                 "proposal": c.proposal, "estimate": c.estimate, "estimate_from": c.estimate_from,
-                "concentrate": c.concentrate, "pool": c.pool,
+                "concentrate": c.concentrate, "restore": float(c.restore), "pool": c.pool,
                 "quota": c.quota, "removal": c.removal,
                 "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
                 "target_finetune": self.target_finetune is not None,
@@ -219,9 +219,10 @@ class BCD:
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
         # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota, hard
-        # removals, the estimate over the subset alone, no channel weights
+        # removals, the estimate over the subset alone, no channel weights, no restores
         saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
-                 "removal": "hard", "estimate_from": "subset", "concentrate": "none", **state["config"]}
+                 "removal": "hard", "estimate_from": "subset", "concentrate": "none", "restore": 0.0,
+                 **state["config"]}
         if saved != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
@@ -266,6 +267,8 @@ class BCD:
 
         t0 = time.perf_counter()
         n = int(self.labels.shape[0])
+        # before the reference: a restore changes the model the candidates are scored against
+        candidates, estimate_images, restored = self._candidates(remove)
         reference = score_current(self.model, self.images, self.labels, batch_size=config.score_batch_size)
         if not math.isfinite(reference[1]):
             raise FastmaskError(f"BCD step {step}: the model's loss on the scoring subset is {reference[1]} (its "
@@ -273,7 +276,6 @@ class BCD:
                                 "overflow from site to site at low budgets: use --replacement identity, or lower "
                                 "--snl-lr and --finetune-lr")
         standard_error = self._warn_once_if_noisy(reference)
-        candidates, estimate_images = self._candidates(remove)
         choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
         if self.group is not None:  # rank 0 decides; everyone applies its choice
             choice, fallback, acc, loss = self.group.broadcast((choice, fallback, acc, loss))
@@ -299,7 +301,8 @@ class BCD:
             self.group.check_same(f"masks after BCD step {step}", masks_digest(self.model))
 
         record = {
-            "step": step, "target": int(target), "budget_before": count, "budget_after": budget, "removed": remove,
+            "step": step, "target": int(target), "budget_before": count, "budget_after": budget,
+            "removed": remove + int(restored.numel()), "restored": int(restored.numel()),
             "ref_acc": reference[0], "ref_loss": reference[1], "ref_se_points": standard_error,
             "scoring_images": n, "tries_scored": scored, "rt": int(config.rt),
             "accepted_index": choice, "accepted_drop": drop, "accepted_acc": acc, "accepted_loss": loss,
@@ -318,7 +321,8 @@ class BCD:
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
                  f"(+-{standard_error:.2f}); {'fallback' if fallback else 'accepted'} drop {drop:+.3f} after "
-                 f"{scored}/{len(candidates)} tries; val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
+                 f"{scored}/{len(candidates)} tries{f', {restored.numel()} put back' if restored.numel() else ''}; "
+                 f"val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
         if self.on_step is not None and self.is_main:
             self.on_step(record, self)
 
@@ -348,34 +352,42 @@ class BCD:
                                 f"step {step - 1} (saved in {self.state_path}); lower the finetune lr and --resume"
                                 ) from err
 
-    def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int]:
-        """(RT candidates, images the proposal trained through). All are drawn before scoring, so early stopping
-        never changes what the generator yields next."""
+    def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int, torch.Tensor]:
+        """(RT candidates, images the proposal trained through, the ReLUs put back first). All are drawn before
+        scoring, so early stopping never changes what the generator yields next. With bcd.restore, the ReLUs put
+        back are reinstated in the model here and each candidate removes as many more."""
         config = self.config
+        none = torch.zeros(0, dtype=torch.int64)
         sites = None if config.quota == "none" else self.mask_set.sizes
         if config.proposal == "uniform":
             if sites is None:
-                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
+                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0, none
             # every present ReLU alike and the pool the whole site: each site's quota is a uniform draw from it
             equal = torch.where(self.mask_set.flat(), 0.0, math.inf).double()
             return propose(equal, remove, int(config.rt), self.generator, pool=float(equal.numel()),
-                           temperature=math.inf, site_sizes=sites), 0
+                           temperature=math.inf, site_sizes=sites), 0, none
         # Estimated after every finetune (each step starts after one), on the scoring subset.
         part = share(int(self.labels.shape[0]), self.group)
-        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size,
-                              absolute=config.estimate == "absolute")
+        costs, gains = removal_and_restore_costs(self.model, self.images[part], self.labels[part],
+                                                 batch_size=config.score_batch_size,
+                                                 absolute=config.estimate == "absolute", restore=config.restore > 0)
         if self.finetune_costs is not None:  # this process's finetune batches since the last proposal
             costs = costs + self.finetune_costs
             self.finetune_costs = None
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
+            if gains is not None:  # -inf (present) stays -inf
+                gains = self.group.all_reduce_sum_(gains)
         if config.concentrate == "channels":  # absent ReLUs stay +inf (an empty channel weighs 0)
             costs = torch.where(torch.isfinite(costs), costs * channel_weights(self.mask_set), costs)
-        candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
-                             temperature=config.temperature, site_sizes=sites)
+        restored = none if gains is None else to_restore(gains, round(config.restore * remove))
+        if restored.numel():  # back in, and not removable again in the same step
+            self.mask_set.reinstate(restored)
+        candidates = propose(costs, remove + int(restored.numel()), int(config.rt), self.generator,
+                             pool=config.pool, temperature=config.temperature, site_sizes=sites)
         if self.group is not None:
             candidates = self.group.broadcast(candidates)
-        return candidates, int(self.labels.shape[0])
+        return candidates, int(self.labels.shape[0]), restored
 
     def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]
                ) -> tuple[int, bool, float, float, int, int]:

@@ -53,6 +53,19 @@ def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     large per-image effects of opposite sign cancel (a ReLU with such effects is not cheap to remove).
     Runs in eval mode (train/eval flags restored) and computes gradients for the site outputs only, never weights.
     """
+    return removal_and_restore_costs(model, images, labels, batch_size, absolute=absolute, restore=False)[0]
+
+
+def removal_and_restore_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                              *, absolute: bool = False, restore: bool = True
+                              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(removal_costs, restore gains) from one forward and backward pass.
+
+    The restore gain of an absent ReLU is the first-order loss decrease of putting it back: its output changes by
+    relu(x) - r(x), so the summed cross-entropy falls by sum_n dL/dy * (r(x) - relu(x)), always signed (a gain must
+    say which way the loss moves, as an SNL alpha's gradient does when it grows an alpha back). float64
+    [MaskSet(model).total()], -inf where present; None when restore=False.
+    """
     _check_data(images, labels)
     if batch_size < 1:
         raise FastmaskError(f"batch_size must be >= 1, got {batch_size}")
@@ -63,6 +76,7 @@ def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         raise FastmaskError("removal_costs: a site holds candidate hypotheses; clear them first")
     device = _model_device(model)
     sums = [torch.zeros(site.shape, dtype=torch.float64, device=device) for site in mask_set.sites]
+    gains = [torch.zeros_like(s) for s in sums] if restore else None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook_for(index: int):
@@ -87,14 +101,35 @@ def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                 for i, grad in zip(order, grads, strict=True):
                     if grad is None:  # a site whose output does not reach the loss
                         continue
-                    sums[i] += _summed_effect(grad, captured[i][0], mask_set.sites[i].coeffs, absolute)
+                    coeffs = mask_set.sites[i].coeffs
+                    sums[i] += _summed_effect(grad, captured[i][0], coeffs, absolute)
+                    if gains is not None:
+                        gains[i] += _summed_effect(grad, captured[i][0], coeffs, absolute=False)
                 captured.clear()
     finally:
         for handle in handles:
             handle.remove()
+    present = mask_set.flat()
     costs = torch.cat([s.reshape(-1).cpu() for s in sums])
-    costs[~mask_set.flat()] = math.inf
-    return costs
+    costs[~present] = math.inf
+    if gains is None:
+        return costs, None
+    restore_gains = torch.cat([g.reshape(-1).cpu() for g in gains])
+    restore_gains[present] = -math.inf
+    return costs, restore_gains
+
+
+def to_restore(gains: torch.Tensor, k: int) -> torch.Tensor:
+    """The k absent ReLUs of largest positive restore gain (sorted CPU int64 flat indices; fewer when fewer are
+    estimated to lower the loss). Ties go to the lower index, so every process picks the same."""
+    gains = gains.detach().cpu().double().reshape(-1)
+    if torch.isnan(gains).any():
+        raise FastmaskError("to_restore: gains hold NaN")
+    positive = (gains > 0).nonzero().squeeze(1)
+    if k <= 0 or positive.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(-gains[positive], stable=True).indices
+    return positive[order[:k]].sort().values
 
 
 class FinetuneCosts:
