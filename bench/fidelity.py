@@ -34,8 +34,10 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      "continuous-summed-signed": continuous-summed with the signed estimate, the sum an SNL alpha's gradient takes;
      "continuous-restore": continuous putting back, every step, up to a third of its DRC (RESTORE_SHARE) of the
      absent ReLUs whose signed estimate says the loss falls most, and removing as many more (bcd.restore), as SNL's
-     alphas can grow back. These eleven spend, to every target, no more images than gradual does, from its start
-     and seed: their SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
+     alphas can grow back; "continuous-direct": continuous from B_ref straight to the last target, as SNL goes,
+     the images of the target finetunes on the way spent on the finetunes between removals (direct_search). These
+     twelve spend, to every target they reach, no more images than gradual does, from its start and seed: their SNL
+     rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -100,7 +102,7 @@ TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
-        "continuous-restore", "settled-polynomial", "continuous-polynomial", "polynomial")
+        "continuous-restore", "continuous-direct", "settled-polynomial", "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -156,10 +158,25 @@ def geometric_search(scale: dict) -> dict:
     return search
 
 
+def direct_search(scale_name: str, train_size: int) -> dict:
+    """The "continuous-direct" arm's search: gradual's, from B_ref straight to the scale's last target, as SNL's rows
+    go, with the images the target finetunes on the way (continuous's at 3,000 on its way to 1,500) spent on the
+    finetunes between removals instead: small scale, 15 BCD steps of 82 finetune steps instead of 36 and one target
+    finetune, so it spends no more images than continuous to the last target."""
+    gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
+    targets = gradual["bcd.targets"]
+    steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
+    per_step = min(BATCH * gradual.get("finetune.max_steps", math.inf), train_size * gradual["finetune.epochs"])
+    on_the_way = (len(targets) - 1) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size
+    max_steps = (per_step * steps + on_the_way) // (steps * BATCH)
+    return {"bcd.targets": [targets[-1]], "finetune.max_steps": max_steps,
+            "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
+
+
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
-                  "continuous-summed-signed", "continuous-channels", "continuous-restore")
+                  "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -171,7 +188,7 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
             "continuous-fade": "gradual", "continuous-summed": "gradual",
             "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
-            "continuous-restore": "gradual"}
+            "continuous-restore": "gradual", "continuous-direct": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -183,8 +200,9 @@ GEOMETRIC_FRACTION = 0.1
 RESTORE_SHARE = 1 / 3
 
 
-def lean_arms(scale: str, root: Path) -> dict[str, dict]:
-    """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher)."""
+def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
+    """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher); train_size: the
+    train split's images (for the arms that turn images into finetune steps)."""
     baseline = str(root / "identity" / "baseline" / "model.safetensors")
     settled_adam = {**LEAN_ADAM, "model.checkpoint": str(root / "settled" / "snl" / "model.safetensors")}
     gradual = {**settled_adam, **gradual_search(SCALES[scale])}
@@ -229,6 +247,10 @@ def lean_arms(scale: str, root: Path) -> dict[str, dict]:
             # continuous with swaps: SNL's alphas can grow back while its weights train, BCD's removals were final.
             # Eight variants that only chose the removals differently did not move BCD (bench/FIDELITY.md)
             "continuous-restore": {**continuous, "bcd.restore": RESTORE_SHARE},
+            # continuous from B_ref straight to the last target, as SNL goes: on the way to 1,500 continuous spends
+            # 90K images finetuning its 3,000 model, which then loses half its ReLUs; here they train through the
+            # removals
+            "continuous-direct": {**continuous, **direct_search(scale, train_size)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -306,15 +328,16 @@ def snl_rows(summary: dict, arm: str, seed: int) -> list[dict]:
 
 
 def shared_snl_rows(summary: dict, snl_run: dict, arm: str, seed: int) -> list[dict]:
-    """SNL's rows of `snl_run` for an arm that spent no more images (train, and forward) to any target than the BCD
-    of `snl_run` did, so SNL's compute is at least BCD's (else RuntimeError)."""
+    """SNL's rows of `snl_run`, at the targets the arm reached, for an arm that spent no more images (train, and
+    forward) to any of them than the BCD of `snl_run` did, so SNL's compute is at least BCD's (else RuntimeError)."""
     theirs = {t["budget"]: t for t in snl_run.get("targets", [])}
     for t in summary.get("targets", []):
         other = theirs.get(t["budget"])
         if other is None or any(t[k] > other[k] for k in ("train_images", "forward_images")):
             raise RuntimeError(f"{arm} spent more images than {snl_run['config']['out']} to {t['budget']} ReLUs: "
                                "its SNL side must run (take it out of SNL_FROM)")
-    return snl_rows(snl_run, arm, seed)
+    reached = {t["budget"] for t in summary.get("targets", [])}
+    return [row for row in snl_rows(snl_run, arm, seed) if row["budget"] in reached]
 
 
 def main(argv=None) -> dict:
@@ -328,6 +351,9 @@ def main(argv=None) -> dict:
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale], **SIGNED}
     rows, runs = [], {}
+    from fastmask.pipeline import run_dataset
+
+    train_size = len(run_dataset(validate(resolve({**base, "out": str(out)}, yaml_values=ARMS_DEFAULTS))).train_y)
     for seed in seeds:
         root = out / args.scale / f"seed{seed}"
         first = run(root / "identity", {**base, "seed": seed, "method": "both"}, stop_after=first_run_stop(arms))
@@ -352,7 +378,7 @@ def main(argv=None) -> dict:
                                              "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]})
             runs[f"seed{seed}/finetuned"] = tuned
             rows += bcd_rows(tuned, "finetuned", seed) + snl_rows(tuned, "finetuned", seed)
-        for arm, variant in lean_arms(args.scale, root).items():
+        for arm, variant in lean_arms(args.scale, root, train_size).items():
             # a start alone (settled's, settled-polynomial's) when only the arms that start from it are asked for
             start_only = arm not in arms and bool(set(STARTS.get(arm, ())) & set(arms))
             if arm not in arms and not start_only:
@@ -506,7 +532,9 @@ def markdown(p: dict) -> str:
              "continuous-channels = continuous weighing each ReLU's estimate by its "
              "channel's ReLU count; continuous-restore = continuous putting back, every step, up to "
              f"{RESTORE_SHARE:.2g} of its DRC of the absent ReLUs estimated to lower the loss most, and removing as "
-             "many more (the SNL rows of the last eleven are gradual's SNL "
+             "many more; continuous-direct = continuous from B_ref straight to the last target, the images of "
+             "the target finetunes on the way spent on the finetunes between removals (the SNL rows of the last "
+             "twelve are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

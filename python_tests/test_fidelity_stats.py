@@ -1,4 +1,5 @@
-"""bench/fidelity.py's gap statistics: BCD minus SNL per seed, and the paired test-set standard error."""
+"""bench/fidelity.py's gap statistics (BCD minus SNL per seed, the paired test-set standard error) and its
+equal-compute bookkeeping (the direct arm's images, SNL rows shared between arms)."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,3 +42,41 @@ def test_gaps_pair_each_bcd_row_with_its_seeds_snl_row(fidelity):
     [paired] = fidelity.gaps(rows, lambda r: r["right"])
     # per image: seed 0 (0, 1, -1, -1), seed 1 (1, 0, 0, 0) -> means (0.5, 0.5, -0.5, -0.5)
     assert paired["test_paired_se"] == pytest.approx(100 * 0.5773502691896258 / 2)
+
+
+@pytest.mark.parametrize("scale", ["smoke", "small", "full"])
+@pytest.mark.parametrize("train_size", [1000, 9000, 45000])
+def test_the_direct_arm_spends_no_more_images_than_continuous_to_the_last_target(fidelity, scale, train_size):
+    """Images each run trains on to the last target (finetune batches, the estimate's pass over the scoring subset,
+    the target finetunes), counted as the pipeline counts them, full batches assumed."""
+    gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale])}
+    direct = {**gradual, **fidelity.direct_search(scale, train_size)}
+    target_finetune = fidelity.TARGET_FINETUNE_EPOCHS[scale] * train_size
+
+    def images(settings: dict) -> tuple[int, int]:
+        per_step = min(fidelity.BATCH * settings.get("finetune.max_steps", math.inf),
+                       settings["finetune.epochs"] * train_size) + (settings["bcd.score_subset"] or train_size)
+        count, total, steps = settings["snl.ref_budget"], 0, 0
+        while count > settings["bcd.targets"][-1]:
+            target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
+            count, total, steps = count - remove, total + per_step, steps + 1
+            total += target_finetune if count == target else 0
+        return total, steps
+
+    (theirs, _), (mine, steps) = images(gradual), images(direct)
+    assert direct["bcd.targets"] == gradual["bcd.targets"][-1:]
+    assert theirs - steps * fidelity.BATCH < mine <= theirs  # all but less than a batch per step
+
+
+def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_images(fidelity):
+    def target(budget, train, forward):
+        return {"budget": budget, "train_images": train, "forward_images": forward, "test_acc": 50.0,
+                "val_acc": 50.0, "seconds": 1.0}
+
+    snl_run = {"config": {"out": "runs/continuous"}, "targets": [target(3000, 100, 30), target(1500, 200, 40)],
+               "snl_targets": [target(3000, 130, 0), target(1500, 240, 0)]}
+    direct = {"targets": [target(1500, 190, 40)]}
+    rows = fidelity.shared_snl_rows(direct, snl_run, "continuous-direct", 0)
+    assert [(r["budget"], r["method"], r["train_images"]) for r in rows] == [(1500, "SNL", 240)]
+    with pytest.raises(RuntimeError, match="spent more images"):
+        fidelity.shared_snl_rows({"targets": [target(1500, 201, 40)]}, snl_run, "continuous-direct", 0)
