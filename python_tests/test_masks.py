@@ -57,6 +57,19 @@ def test_remove_and_counts(model):
     assert sum(s["kept"] for s in ms.per_site()) == ms.count()
 
 
+def test_reinstate_puts_back_exactly_the_removed(model):
+    ms = fm.MaskSet(model)
+    before = ms.flat()
+    idx = ms.sample(37, torch.Generator().manual_seed(1))
+    ms.remove(idx)
+    ms.reinstate(idx[:10])
+    assert ms.count() == before.sum() - 27
+    assert torch.equal(before & ~ms.flat(), torch.zeros_like(before).index_fill_(0, idx[10:], True))
+    with pytest.raises(FastmaskError, match="must be absent"):
+        ms.reinstate(idx[9:11])  # idx[9] is back already
+    assert ms.count() == before.sum() - 27  # nothing changed
+
+
 def test_candidate_masks_and_first_site(model):
     ms = fm.MaskSet(model)
     late = torch.tensor([ms.offsets[10] + 3, ms.offsets[12]])
