@@ -35,9 +35,11 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      "continuous-restore": continuous putting back, every step, up to a third of its DRC (RESTORE_SHARE) of the
      absent ReLUs whose signed estimate says the loss falls most, and removing as many more (bcd.restore), as SNL's
      alphas can grow back; "continuous-direct": continuous from B_ref straight to the last target, as SNL goes,
-     the images of the target finetunes on the way spent on the finetunes between removals (direct_search). These
-     twelve spend, to every target they reach, no more images than gradual does, from its start and seed: their SNL
-     rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
+     the images of the target finetunes on the way spent on the finetunes between removals (direct_search);
+     "continuous-unscored": continuous with one candidate per step taken unscored (RT 1), the race's forwards
+     spent on the step's finetune (unscored_search). These thirteen spend, to every target they reach, no more
+     images than gradual does, from its start and seed: their SNL rows are gradual's SNL run when the seed has one
+     (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -68,6 +70,7 @@ from fastmask import report  # noqa: E402
 from fastmask.config import resolve, validate  # noqa: E402
 from fastmask.pipeline import Pipeline  # noqa: E402
 from fastmask.search.bcd import plan_removal  # noqa: E402
+from fastmask.search.racing import default_first_slice  # noqa: E402
 from fastmask.train import TrainConfig  # noqa: E402
 
 # Run settings per scale, as fastmask.config paths. finetune.max_steps is per BCD step (of BATCH images).
@@ -102,7 +105,8 @@ TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
-        "continuous-restore", "continuous-direct", "settled-polynomial", "continuous-polynomial", "polynomial")
+        "continuous-restore", "continuous-direct", "continuous-unscored", "settled-polynomial", "continuous-polynomial",
+        "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -173,22 +177,37 @@ def direct_search(scale_name: str, train_size: int) -> dict:
             "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
 
 
+def unscored_search(scale_name: str, train_size: int) -> dict:
+    """The "continuous-unscored" arm's search: gradual's with one candidate per step, taken unscored (RT 1), and the
+    forwards gradual's race spends on its two candidates (both on the whole scoring subset at the small scale: 2,048
+    per step) spent on that step's finetune instead: small scale, 52 finetune steps per BCD step instead of 36."""
+    gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
+    subset = gradual["bcd.score_subset"] or train_size
+    first = default_first_slice(2, subset, 2)  # two candidates, eta 2: one round on the slice, then the whole subset
+    race_images = 2 * first + subset if first < subset else 2 * subset
+    per_step = min(BATCH * gradual.get("finetune.max_steps", math.inf), train_size * gradual["finetune.epochs"])
+    max_steps = (per_step + race_images) // BATCH
+    return {"bcd.rt": 1, "finetune.max_steps": max_steps, "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
+
+
 # Arms that start from the settled arm's SNL@B_ref model.
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
-                  "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct")
+                  "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
+                  "continuous-unscored")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
 # polynomial.
 FROM_BASELINE = (*STARTS, *(arm for arms in STARTS.values() for arm in arms), "polynomial")
 # Arms whose SNL side is another arm's SNL run: the same start, seed and SNL settings, and BCD spends no more train
-# and forward images to any target (checked by shared_snl_rows), so SNL with equal compute would repeat that run.
+# + forward images to any target it reaches (checked by shared_snl_rows), so SNL with equal compute would repeat
+# that run.
 SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-pool": "gradual",
             "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
             "continuous-fade": "gradual", "continuous-summed": "gradual",
             "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
-            "continuous-restore": "gradual", "continuous-direct": "gradual"}
+            "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -251,6 +270,9 @@ def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
             # 90K images finetuning its 3,000 model, which then loses half its ReLUs; here they train through the
             # removals
             "continuous-direct": {**continuous, **direct_search(scale, train_size)},
+            # continuous without scoring: two candidates on 1,024 images are told apart below the accuracy's noise
+            # (continuous-loss), so their forwards train instead
+            "continuous-unscored": {**continuous, **unscored_search(scale, train_size)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -328,12 +350,17 @@ def snl_rows(summary: dict, arm: str, seed: int) -> list[dict]:
 
 
 def shared_snl_rows(summary: dict, snl_run: dict, arm: str, seed: int) -> list[dict]:
-    """SNL's rows of `snl_run`, at the targets the arm reached, for an arm that spent no more images (train, and
-    forward) to any of them than the BCD of `snl_run` did, so SNL's compute is at least BCD's (else RuntimeError)."""
+    """SNL's rows of `snl_run`, at the targets the arm reached, for an arm that spent no more images (train +
+    forward, the compute SNL's finetune is sized by) to any of them than the BCD of `snl_run` did, so SNL's compute is
+    at least BCD's (else RuntimeError)."""
     theirs = {t["budget"]: t for t in snl_run.get("targets", [])}
+
+    def images(t: dict) -> int:
+        return t["train_images"] + t["forward_images"]
+
     for t in summary.get("targets", []):
         other = theirs.get(t["budget"])
-        if other is None or any(t[k] > other[k] for k in ("train_images", "forward_images")):
+        if other is None or images(t) > images(other):
             raise RuntimeError(f"{arm} spent more images than {snl_run['config']['out']} to {t['budget']} ReLUs: "
                                "its SNL side must run (take it out of SNL_FROM)")
     reached = {t["budget"] for t in summary.get("targets", [])}
@@ -533,8 +560,9 @@ def markdown(p: dict) -> str:
              "channel's ReLU count; continuous-restore = continuous putting back, every step, up to "
              f"{RESTORE_SHARE:.2g} of its DRC of the absent ReLUs estimated to lower the loss most, and removing as "
              "many more; continuous-direct = continuous from B_ref straight to the last target, the images of "
-             "the target finetunes on the way spent on the finetunes between removals (the SNL rows of the last "
-             "twelve are gradual's SNL "
+             "the target finetunes on the way spent on the finetunes between removals; continuous-unscored = "
+             "continuous with one candidate per step taken unscored, its forwards spent on the step's finetune (the "
+             "SNL rows of the last thirteen are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

@@ -145,7 +145,8 @@ class BCDConfig:
                                   kind=number, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     # 2, not the paper's 50: at equal compute the forwards a wide search spends buy more as training between
     # removals (bench/FIDELITY.md, the gradual and continuous arms); --preset paper restores 50.
-    rt: int = setting(2, "candidates tried per step (the paper's: 50)", kind=whole, check=positive)
+    rt: int = setting(2, "candidates tried per step (the paper's: 50; 1: the one candidate is taken unscored, "
+                         "there being nothing to choose between)", kind=whole, check=positive)
     adt: float = setting(0.3, "accuracy degradation tolerance, accuracy points (loss units for --criterion loss)",
                          kind=number, check=non_negative)
     criterion: str = setting("accuracy", "drop measured in accuracy or in loss", choices=CRITERIA)

@@ -292,6 +292,32 @@ def test_race_and_informed_candidates_drive_the_step(tmp_path, data, monkeypatch
     assert result.targets[0]["forward_images"] == 187 and result.targets[0]["train_images"] == 564
 
 
+@pytest.mark.parametrize("scoring_rule", ["race", "exact"])
+def test_one_candidate_is_taken_unscored(tmp_path, data, monkeypatch, scoring_rule):
+    """RT 1: whatever scoring would say, the one candidate goes in; no image is spent on it."""
+    def never(*args, **kw):
+        raise AssertionError("a lone candidate was scored")
+
+    monkeypatch.setattr(bcd, "race", never)
+    monkeypatch.setattr(bcd, "score_hypotheses", never)
+    proposed = []
+    real_propose = bcd.propose
+    monkeypatch.setattr(bcd, "propose", lambda *a, **kw: proposed.append(real_propose(*a, **kw)) or proposed[-1])
+    images, labels = data
+    model = tiny_model()
+    before = MaskSet(model).flat()
+    messages = []
+    driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=1, scoring=scoring_rule), images, labels,
+                 lambda m, step: {"val_acc": 1.0, "train_images": 500}, tmp_path, log=messages.append)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    record = result.history[0]
+    assert torch.equal((before & ~MaskSet(model).flat()).nonzero().squeeze(1), proposed[0][0])
+    assert record["forward_images"] == 64 and record["tries_scored"] == 0  # the reference pass alone
+    assert record["fallback"] is False and math.isnan(record["accepted_drop"])
+    assert any("taken unscored (RT 1)" in m for m in messages)
+
+
 @pytest.mark.parametrize("estimate", ["signed", "absolute"])
 def test_informed_candidates_use_the_chosen_estimate(tmp_path, data, monkeypatch, estimate):
     seen = []

@@ -44,28 +44,40 @@ def test_gaps_pair_each_bcd_row_with_its_seeds_snl_row(fidelity):
     assert paired["test_paired_se"] == pytest.approx(100 * 0.5773502691896258 / 2)
 
 
+def images_to_each_target(fidelity, settings: dict, train_size: int) -> tuple[dict[int, int], int]:
+    """({target: train + forward images to it}, BCD steps) of a continuous-like run, counted as the pipeline counts
+    them (full batches assumed): finetune batches and the estimate's pass over the scoring subset are trained on, the
+    reference and the race's candidates pushed forward, and a target finetune follows every target."""
+    subset = settings["bcd.score_subset"] or train_size
+    rt = settings["bcd.rt"]
+    assert rt <= 2  # the race's images below hold for at most two candidates
+    first = fidelity.default_first_slice(rt, subset, 2)
+    race = 0 if rt == 1 else (rt * first + subset if first < subset else rt * subset)
+    per_step = min(fidelity.BATCH * settings.get("finetune.max_steps", math.inf),
+                   settings["finetune.epochs"] * train_size) + subset + subset + race
+    count, images, steps, at_targets = settings["snl.ref_budget"], 0, 0, {}
+    while count > settings["bcd.targets"][-1]:
+        target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
+        count, images, steps = count - remove, images + per_step, steps + 1
+        if count == target:
+            images += fidelity.TARGET_FINETUNE_EPOCHS[settings["scale"]] * train_size
+            at_targets[target] = images
+    return at_targets, steps
+
+
 @pytest.mark.parametrize("scale", ["smoke", "small", "full"])
 @pytest.mark.parametrize("train_size", [1000, 9000, 45000])
-def test_the_direct_arm_spends_no_more_images_than_continuous_to_the_last_target(fidelity, scale, train_size):
-    """Images each run trains on to the last target (finetune batches, the estimate's pass over the scoring subset,
-    the target finetunes), counted as the pipeline counts them, full batches assumed."""
-    gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale])}
-    direct = {**gradual, **fidelity.direct_search(scale, train_size)}
-    target_finetune = fidelity.TARGET_FINETUNE_EPOCHS[scale] * train_size
-
-    def images(settings: dict) -> tuple[int, int]:
-        per_step = min(fidelity.BATCH * settings.get("finetune.max_steps", math.inf),
-                       settings["finetune.epochs"] * train_size) + (settings["bcd.score_subset"] or train_size)
-        count, total, steps = settings["snl.ref_budget"], 0, 0
-        while count > settings["bcd.targets"][-1]:
-            target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
-            count, total, steps = count - remove, total + per_step, steps + 1
-            total += target_finetune if count == target else 0
-        return total, steps
-
-    (theirs, _), (mine, steps) = images(gradual), images(direct)
-    assert direct["bcd.targets"] == gradual["bcd.targets"][-1:]
-    assert theirs - steps * fidelity.BATCH < mine <= theirs  # all but less than a batch per step
+@pytest.mark.parametrize("arm", ["direct", "unscored"])
+def test_an_arm_sharing_continuous_snl_spends_no_more_images_to_the_last_target(fidelity, scale, train_size, arm):
+    gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale]), "scale": scale,
+               "bcd.rt": 2}
+    search = {"direct": fidelity.direct_search, "unscored": fidelity.unscored_search}[arm](scale, train_size)
+    theirs, _ = images_to_each_target(fidelity, gradual, train_size)
+    mine, steps = images_to_each_target(fidelity, {**gradual, **search}, train_size)
+    last = gradual["bcd.targets"][-1]
+    assert sorted(mine) == ([last] if arm == "direct" else sorted(theirs))
+    assert theirs[last] - steps * fidelity.BATCH < mine[last] <= theirs[last]  # all but under a batch per step
+    assert all(mine[t] <= theirs[t] for t in mine)
 
 
 def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_images(fidelity):
@@ -80,3 +92,7 @@ def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_image
     assert [(r["budget"], r["method"], r["train_images"]) for r in rows] == [(1500, "SNL", 240)]
     with pytest.raises(RuntimeError, match="spent more images"):
         fidelity.shared_snl_rows({"targets": [target(1500, 201, 40)]}, snl_run, "continuous-direct", 0)
+    # compute is train + forward images: training what scoring no longer pushes forward is the same compute
+    assert len(fidelity.shared_snl_rows({"targets": [target(1500, 230, 10)]}, snl_run, "continuous-unscored", 0)) == 1
+    with pytest.raises(RuntimeError, match="spent more images"):
+        fidelity.shared_snl_rows({"targets": [target(1500, 231, 10)]}, snl_run, "continuous-unscored", 0)

@@ -276,7 +276,10 @@ class BCD:
                                 "overflow from site to site at low budgets: use --replacement identity, or lower "
                                 "--snl-lr and --finetune-lr")
         standard_error = self._warn_once_if_noisy(reference)
-        choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
+        if len(candidates) == 1:  # RT 1: nothing to choose between, the one candidate goes in unscored
+            choice, fallback, acc, loss, scored, forward_images = 0, False, math.nan, math.nan, 0, 0
+        else:
+            choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
         if self.group is not None:  # rank 0 decides; everyone applies its choice
             choice, fallback, acc, loss = self.group.broadcast((choice, fallback, acc, loss))
         drop = reference[0] - acc if config.criterion == "accuracy" else loss - reference[1]
@@ -319,9 +322,10 @@ class BCD:
             self._save_target(target)
         self._save_state()
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
+        picked = "taken unscored (RT 1)" if not scored else \
+            f"{'fallback' if fallback else 'accepted'} drop {drop:+.3f} after {scored}/{len(candidates)} tries"
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
-                 f"(+-{standard_error:.2f}); {'fallback' if fallback else 'accepted'} drop {drop:+.3f} after "
-                 f"{scored}/{len(candidates)} tries{f', {restored.numel()} put back' if restored.numel() else ''}; "
+                 f"(+-{standard_error:.2f}); {picked}{f', {restored.numel()} put back' if restored.numel() else ''}; "
                  f"val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
         if self.on_step is not None and self.is_main:
             self.on_step(record, self)
