@@ -102,9 +102,11 @@ def removal_and_restore_costs(model: nn.Module, images: torch.Tensor, labels: to
                     if grad is None:  # a site whose output does not reach the loss
                         continue
                     coeffs = mask_set.sites[i].coeffs
-                    sums[i] += _summed_effect(grad, captured[i][0], coeffs, absolute)
-                    if gains is not None:
-                        gains[i] += _summed_effect(grad, captured[i][0], coeffs, absolute=False)
+                    effect = _summed_effect(grad, captured[i][0], coeffs, absolute)
+                    sums[i] += effect
+                    if gains is not None:  # signed: the same sum unless the costs are absolute
+                        gains[i] += _summed_effect(grad, captured[i][0], coeffs, absolute=False) if absolute \
+                            else effect
                 captured.clear()
     finally:
         for handle in handles:
