@@ -202,6 +202,7 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     rows = list(csv.DictReader((out / "steps.csv").open()))
     assert [int(r["budget_after"]) for r in rows] == [2600, 2200]
     assert all(r["ref_acc"] and r["tries_scored"] and r["val_acc"] and r["seconds"] for r in rows)
+    assert all(r["restored"] == "0" for r in rows)  # removals are final by default
     summary = json.loads((out / "summary.json").read_text())
     assert [t["budget"] for t in summary["targets"]] == [2600, 2200]
     assert all(0 <= t["test_acc"] <= 100 and 0 <= t["val_acc"] <= 100 for t in summary["targets"])
