@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO))
 
 from fastmask import report  # noqa: E402
 from fastmask.config import resolve, validate  # noqa: E402
-from fastmask.pipeline import Pipeline  # noqa: E402
+from fastmask.pipeline import Pipeline, run_dataset  # noqa: E402
 from fastmask.search.bcd import plan_removal  # noqa: E402
 from fastmask.search.racing import default_first_slice  # noqa: E402
 from fastmask.train import TrainConfig  # noqa: E402
@@ -162,6 +162,11 @@ def geometric_search(scale: dict) -> dict:
     return search
 
 
+def step_finetune_images(settings: dict, train_size: int) -> int:
+    """Images one BCD step's finetune trains on: its steps' batches, at most its epochs of the train split."""
+    return min(BATCH * settings.get("finetune.max_steps", math.inf), train_size * settings["finetune.epochs"])
+
+
 def direct_search(scale_name: str, train_size: int) -> dict:
     """The "continuous-direct" arm's search: gradual's, from B_ref straight to the scale's last target, as SNL's rows
     go, with the images the target finetunes on the way (continuous's at 3,000 on its way to 1,500) spent on the
@@ -170,7 +175,7 @@ def direct_search(scale_name: str, train_size: int) -> dict:
     gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
     targets = gradual["bcd.targets"]
     steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
-    per_step = min(BATCH * gradual.get("finetune.max_steps", math.inf), train_size * gradual["finetune.epochs"])
+    per_step = step_finetune_images(gradual, train_size)
     on_the_way = (len(targets) - 1) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size
     max_steps = (per_step * steps + on_the_way) // (steps * BATCH)
     return {"bcd.targets": [targets[-1]], "finetune.max_steps": max_steps,
@@ -185,8 +190,7 @@ def unscored_search(scale_name: str, train_size: int) -> dict:
     subset = gradual["bcd.score_subset"] or train_size
     first = default_first_slice(2, subset, 2)  # two candidates, eta 2: one round on the slice, then the whole subset
     race_images = 2 * first + subset if first < subset else 2 * subset
-    per_step = min(BATCH * gradual.get("finetune.max_steps", math.inf), train_size * gradual["finetune.epochs"])
-    max_steps = (per_step + race_images) // BATCH
+    max_steps = (step_finetune_images(gradual, train_size) + race_images) // BATCH
     return {"bcd.rt": 1, "finetune.max_steps": max_steps, "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
 
 
@@ -378,8 +382,6 @@ def main(argv=None) -> dict:
     base = {"data.dataset": f"npz:{Path(args.data).resolve()}", "model.arch": "resnet18", "device": args.device,
             **SCALES[args.scale], **SIGNED}
     rows, runs = [], {}
-    from fastmask.pipeline import run_dataset
-
     train_size = len(run_dataset(validate(resolve({**base, "out": str(out)}, yaml_values=ARMS_DEFAULTS))).train_y)
     for seed in seeds:
         root = out / args.scale / f"seed{seed}"
@@ -512,7 +514,6 @@ def per_image_correct() -> Callable[[dict], "torch.Tensor"]:
     """row -> whether its model classifies each test image right, on the CPU (each model and dataset read once)."""
     from fastmask import checkpoint, train
     from fastmask.config import load_saved
-    from fastmask.pipeline import run_dataset
 
     datasets, right = {}, {}
 

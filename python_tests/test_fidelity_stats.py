@@ -53,8 +53,7 @@ def images_to_each_target(fidelity, settings: dict, train_size: int) -> tuple[di
     assert rt <= 2  # the race's images below hold for at most two candidates
     first = fidelity.default_first_slice(rt, subset, 2)
     race = 0 if rt == 1 else (rt * first + subset if first < subset else rt * subset)
-    per_step = min(fidelity.BATCH * settings.get("finetune.max_steps", math.inf),
-                   settings["finetune.epochs"] * train_size) + subset + subset + race
+    per_step = fidelity.step_finetune_images(settings, train_size) + subset + subset + race
     count, images, steps, at_targets = settings["snl.ref_budget"], 0, 0, {}
     while count > settings["bcd.targets"][-1]:
         target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
