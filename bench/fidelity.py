@@ -37,7 +37,8 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      alphas can grow back; "continuous-direct": continuous from B_ref straight to the last target, as SNL goes,
      the images of the target finetunes on the way spent on the finetunes between removals (direct_search);
      "continuous-unscored": continuous with one candidate per step taken unscored (RT 1), the race's forwards
-     spent on the step's finetune (unscored_search). These thirteen spend, to every target they reach, no more
+     spent on the step's finetune (unscored_search); "continuous-combined": the last three together. These fourteen
+     spend, to every target they reach, no more
      images than gradual does, from its start and seed: their SNL rows are gradual's SNL run when the seed has one
      (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
@@ -105,8 +106,8 @@ TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
-        "continuous-restore", "continuous-direct", "continuous-unscored", "settled-polynomial", "continuous-polynomial",
-        "polynomial")
+        "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined", "settled-polynomial",
+        "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
 LEAN_FINETUNE_LR = 1e-2
@@ -167,30 +168,36 @@ def step_finetune_images(settings: dict, train_size: int) -> int:
     return min(BATCH * settings.get("finetune.max_steps", math.inf), train_size * settings["finetune.epochs"])
 
 
-def direct_search(scale_name: str, train_size: int) -> dict:
+def race_images(settings: dict, train_size: int) -> int:
+    """Image-forwards gradual's race spends per step on its two candidates (at the small scale both are scored on
+    the whole 1,024-image subset: 2,048)."""
+    subset = settings["bcd.score_subset"] or train_size
+    first = default_first_slice(2, subset, 2)  # two candidates, eta 2: one round on the slice, then the whole subset
+    return 2 * first + subset if first < subset else 2 * subset
+
+
+def direct_search(scale_name: str, train_size: int, unscored: bool = False) -> dict:
     """The "continuous-direct" arm's search: gradual's, from B_ref straight to the scale's last target, as SNL's rows
     go, with the images the target finetunes on the way (continuous's at 3,000 on its way to 1,500) spent on the
     finetunes between removals instead: small scale, 15 BCD steps of 82 finetune steps instead of 36 and one target
-    finetune, so it spends no more images than continuous to the last target."""
+    finetune, so it spends no more images than continuous to the last target. unscored: one candidate per step
+    (RT 1), the race's forwards spent on the finetunes too (98 steps)."""
     gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
     targets = gradual["bcd.targets"]
     steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
-    per_step = step_finetune_images(gradual, train_size)
+    per_step = step_finetune_images(gradual, train_size) + (race_images(gradual, train_size) if unscored else 0)
     on_the_way = (len(targets) - 1) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size
     max_steps = (per_step * steps + on_the_way) // (steps * BATCH)
     return {"bcd.targets": [targets[-1]], "finetune.max_steps": max_steps,
-            "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
+            "finetune.epochs": math.ceil(max_steps * BATCH / train_size), **({"bcd.rt": 1} if unscored else {})}
 
 
 def unscored_search(scale_name: str, train_size: int) -> dict:
     """The "continuous-unscored" arm's search: gradual's with one candidate per step, taken unscored (RT 1), and the
-    forwards gradual's race spends on its two candidates (both on the whole scoring subset at the small scale: 2,048
-    per step) spent on that step's finetune instead: small scale, 52 finetune steps per BCD step instead of 36."""
+    race's forwards spent on that step's finetune instead: small scale, 52 finetune steps per BCD step instead of
+    36."""
     gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
-    subset = gradual["bcd.score_subset"] or train_size
-    first = default_first_slice(2, subset, 2)  # two candidates, eta 2: one round on the slice, then the whole subset
-    race_images = 2 * first + subset if first < subset else 2 * subset
-    max_steps = (step_finetune_images(gradual, train_size) + race_images) // BATCH
+    max_steps = (step_finetune_images(gradual, train_size) + race_images(gradual, train_size)) // BATCH
     return {"bcd.rt": 1, "finetune.max_steps": max_steps, "finetune.epochs": math.ceil(max_steps * BATCH / train_size)}
 
 
@@ -198,7 +205,7 @@ def unscored_search(scale_name: str, train_size: int) -> dict:
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
                   "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
-                  "continuous-unscored")
+                  "continuous-unscored", "continuous-combined")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -211,7 +218,8 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-loss": "gradual", "continuous-geometric": "gradual", "continuous-quota": "gradual",
             "continuous-fade": "gradual", "continuous-summed": "gradual",
             "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
-            "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual"}
+            "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual",
+            "continuous-combined": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -277,6 +285,9 @@ def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
             # continuous without scoring: two candidates on 1,024 images are told apart below the accuracy's noise
             # (continuous-loss), so their forwards train instead
             "continuous-unscored": {**continuous, **unscored_search(scale, train_size)},
+            # the three above together, set after they ran, on validation accuracy (each moved it up at 1,500)
+            "continuous-combined": {**continuous, **direct_search(scale, train_size, unscored=True),
+                                    "bcd.restore": RESTORE_SHARE},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -562,8 +573,8 @@ def markdown(p: dict) -> str:
              f"{RESTORE_SHARE:.2g} of its DRC of the absent ReLUs estimated to lower the loss most, and removing as "
              "many more; continuous-direct = continuous from B_ref straight to the last target, the images of "
              "the target finetunes on the way spent on the finetunes between removals; continuous-unscored = "
-             "continuous with one candidate per step taken unscored, its forwards spent on the step's finetune (the "
-             "SNL rows of the last thirteen are gradual's SNL "
+             "continuous with one candidate per step taken unscored, its forwards spent on the step's finetune; "
+             "continuous-combined = the last three together (the SNL rows of the last fourteen are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

@@ -66,15 +66,17 @@ def images_to_each_target(fidelity, settings: dict, train_size: int) -> tuple[di
 
 @pytest.mark.parametrize("scale", ["smoke", "small", "full"])
 @pytest.mark.parametrize("train_size", [1000, 9000, 45000])
-@pytest.mark.parametrize("arm", ["direct", "unscored"])
+@pytest.mark.parametrize("arm", ["direct", "unscored", "combined"])
 def test_an_arm_sharing_continuous_snl_spends_no_more_images_to_the_last_target(fidelity, scale, train_size, arm):
     gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale]), "scale": scale,
                "bcd.rt": 2}
-    search = {"direct": fidelity.direct_search, "unscored": fidelity.unscored_search}[arm](scale, train_size)
+    search = {"direct": fidelity.direct_search, "unscored": fidelity.unscored_search,
+              "combined": lambda *a: fidelity.direct_search(*a, unscored=True)}[arm](scale, train_size)
     theirs, _ = images_to_each_target(fidelity, gradual, train_size)
     mine, steps = images_to_each_target(fidelity, {**gradual, **search}, train_size)
     last = gradual["bcd.targets"][-1]
-    assert sorted(mine) == ([last] if arm == "direct" else sorted(theirs))
+    assert sorted(mine) == (sorted(theirs) if arm == "unscored" else [last])
+    assert search.get("bcd.rt", 2) == (2 if arm == "direct" else 1)
     assert theirs[last] - steps * fidelity.BATCH < mine[last] <= theirs[last]  # all but under a batch per step
     assert all(mine[t] <= theirs[t] for t in mine)
 
