@@ -88,20 +88,25 @@ def spearman(a, b) -> float:
 
 
 # ---- removal_costs ---------------------------------------------------------------------------------------------
+def minus_alpha_gradient(model, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-dL/dalpha of SNL's relaxation alpha*relu(x) + (1-alpha)*x at every ReLU, alpha at the current mask; the mask)
+    on a copy of the model: an autograd path through the reference op, independent of removal_costs."""
+    oracle = copy.deepcopy(model).eval()
+    ms = fm.MaskSet(oracle)
+    for site in ms.sites:
+        site.alpha = nn.Parameter(site.mask.float())
+    F.cross_entropy(oracle(images), labels, reduction="sum").backward()
+    return torch.cat([-site.alpha.grad.reshape(-1).double() for site in ms.sites]), ms.flat()
+
+
 def test_costs_equal_the_alpha_gradient():
     """With identity replacement the cost is -dL/dalpha of SNL's relaxation alpha*relu(x) + (1-alpha)*x at the current
     mask: an independent autograd path through the reference op."""
     model = make_model()
     images, labels = make_data(model, 24)
     costs = removal_costs(model, images, labels, batch_size=10)
-    oracle = copy.deepcopy(model).eval()
-    ms = fm.MaskSet(oracle)
-    for site in ms.sites:
-        site.alpha = nn.Parameter(site.mask.float())
-    F.cross_entropy(oracle(images), labels, reduction="sum").backward()
-    expected = torch.cat([-site.alpha.grad.reshape(-1).double() for site in ms.sites])
-    present = ms.flat()
-    assert costs.dtype == torch.float64 and costs.shape == (ms.total(),)
+    expected, present = minus_alpha_gradient(model, images, labels)
+    assert costs.dtype == torch.float64 and costs.shape == (present.numel(),)
     assert torch.isinf(costs[~present]).all() and (costs[~present] > 0).all()
     assert torch.isfinite(costs[present]).all()
     torch.testing.assert_close(costs[present], expected[present], rtol=1e-4, atol=1e-5)
@@ -115,13 +120,7 @@ def test_restore_gains_are_the_alpha_gradient_at_absent_relus(absolute):
     images, labels = make_data(model, 24)
     costs, gains = removal_and_restore_costs(model, images, labels, batch_size=10, absolute=absolute)
     torch.testing.assert_close(costs, removal_costs(model, images, labels, batch_size=10, absolute=absolute))
-    oracle = copy.deepcopy(model).eval()
-    ms = fm.MaskSet(oracle)
-    for site in ms.sites:
-        site.alpha = nn.Parameter(site.mask.float())
-    F.cross_entropy(oracle(images), labels, reduction="sum").backward()
-    expected = torch.cat([-site.alpha.grad.reshape(-1).double() for site in ms.sites])
-    present = ms.flat()
+    expected, present = minus_alpha_gradient(model, images, labels)
     assert torch.isinf(gains[present]).all() and (gains[present] < 0).all()
     torch.testing.assert_close(gains[~present], expected[~present], rtol=1e-4, atol=1e-5)
     assert (gains[~present] > 0).any() and (gains[~present] < 0).any()
