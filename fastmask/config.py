@@ -193,8 +193,9 @@ class BCDConfig:
     # the absent ReLUs whose signed first-order estimate (from the same pass) says the loss falls most, and removes
     # as many more, so the net step stays DRC. Measured (a third of DRC), it changed a fifth of the kept ReLUs and
     # not the accuracy (bench/FIDELITY.md, continuous-restore).
-    restore: float = setting(0.0, "informed: each step also puts back up to this share of its removals (of DRC), "
-                                  "the absent ReLUs estimated to lower the loss most, and removes as many more",
+    restore: float = setting(0.0, "informed: each step also puts back up to this share of its net removals (DRC, "
+                                  "or what is left to the target), the absent ReLUs estimated to lower the loss "
+                                  "most, and removes as many more",
                              kind=number, check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
     # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
     # finetune then repairs. Fading did not help at the small scale (bench/FIDELITY.md, continuous-fade).

@@ -172,5 +172,8 @@ def _local_process(rank: int, size: int, folder: str, fn: Callable[..., Any], ar
     try:
         result = fn(Group(rank=rank, size=size, backend=backend, local_rank=rank), *args)
         torch.save(result, Path(folder) / f"rank{rank}.pt")
+        # no process tears the group down while another still talks to it (gloo aborts the process otherwise); a
+        # process that raised does not get here, and spawn ends the others
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -309,13 +310,14 @@ def test_one_candidate_is_taken_unscored(tmp_path, data, monkeypatch, scoring_ru
     messages = []
     driver = BCD(model, BCDConfig(targets=[900], drc=60, rt=1, scoring=scoring_rule), images, labels,
                  lambda m, step: {"val_acc": 1.0, "train_images": 500}, tmp_path, log=messages.append)
-    with pytest.warns(RuntimeWarning):
+    with warnings.catch_warnings():  # nothing is chosen, so no warning that the choice is noise
+        warnings.simplefilter("error", RuntimeWarning)
         result = driver.run()
     record = result.history[0]
     assert torch.equal((before & ~MaskSet(model).flat()).nonzero().squeeze(1), proposed[0][0])
     assert record["forward_images"] == 64 and record["tries_scored"] == 0  # the reference pass alone
     assert record["fallback"] is False and math.isnan(record["accepted_drop"])
-    assert any("taken unscored (RT 1)" in m for m in messages)
+    assert any("one candidate, taken unscored" in m for m in messages)
 
 
 @pytest.mark.parametrize("estimate", ["signed", "absolute"])
@@ -434,6 +436,23 @@ def test_a_restore_puts_back_the_absent_relus_of_largest_gain_and_removes_as_man
         assert gone.numel() == record["removed"] == record["budget_before"] - record["budget_after"] + back.numel()
         assert torch.equal(back, proposal.to_restore(s["gains"], back.numel()))  # the largest gains
         assert (s["gains"][back] > 0).all()
+
+
+def test_restores_never_ask_for_more_removals_than_the_step_can_make(tmp_path, data):
+    """A target below what a step would put back: the restore shrinks to what the ReLUs present before it can give."""
+    images, labels = data
+    model = tiny_model()
+    start = MaskSet(model).count()
+    targets = [start - 100 * ((start - 160) // 100), 60, 0]  # a step from 160 to 60, then one to 0
+    driver = BCD(model, BCDConfig(targets=targets, drc=100, rt=2, restore=1.0), images, labels,
+                 lambda m, step: {"val_acc": 1.0}, tmp_path, log=lambda message: None)
+    with pytest.warns(RuntimeWarning):
+        result = driver.run()
+    assert [t["budget"] for t in result.targets] == targets and MaskSet(model).count() == 0
+    for record in result.history:
+        assert record["removed"] <= record["budget_before"]
+        assert record["restored"] <= record["budget_before"] - record["budget_after"]
+    assert result.history[-2]["restored"] <= 60 and result.history[-1]["restored"] == 0
 
 
 @pytest.mark.parametrize("proposal_rule", ["informed", "uniform"])

@@ -252,7 +252,8 @@ class BCD:
     def _warn_once_if_noisy(self, reference: tuple[float, float]) -> float:
         standard_error = accuracy_standard_error(reference[0], int(self.labels.shape[0]))
         threshold = NOISE_STANDARD_ERRORS * standard_error
-        if self.config.criterion == "accuracy" and self.config.adt < threshold and not self.warned:
+        chooses = int(self.config.rt) > 1  # RT 1 takes its candidate unscored
+        if chooses and self.config.criterion == "accuracy" and self.config.adt < threshold and not self.warned:
             message = (f"ADT {self.config.adt} points is below {NOISE_STANDARD_ERRORS:g} standard errors "
                        f"({threshold:.2f} points) of the {self.labels.shape[0]}-image scoring subset: candidates are "
                        "chosen on noise; score on more images (--score-subset 0) or use --criterion loss")
@@ -276,7 +277,7 @@ class BCD:
                                 "overflow from site to site at low budgets: use --replacement identity, or lower "
                                 "--snl-lr and --finetune-lr")
         standard_error = self._warn_once_if_noisy(reference)
-        if len(candidates) == 1:  # RT 1: nothing to choose between, the one candidate goes in unscored
+        if len(candidates) == 1:  # RT 1 (or one subset left): nothing to choose between, it goes in unscored
             choice, fallback, acc, loss, scored, forward_images = 0, False, math.nan, math.nan, 0, 0
         else:
             choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
@@ -322,7 +323,7 @@ class BCD:
             self._save_target(target)
         self._save_state()
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
-        picked = "taken unscored (RT 1)" if not scored else \
+        picked = "one candidate, taken unscored" if not scored else \
             f"{'fallback' if fallback else 'accepted'} drop {drop:+.3f} after {scored}/{len(candidates)} tries"
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
                  f"(+-{standard_error:.2f}); {picked}{f', {restored.numel()} put back' if restored.numel() else ''}; "
@@ -384,7 +385,11 @@ class BCD:
                 gains = self.group.all_reduce_sum_(gains)
         if config.concentrate == "channels":  # absent ReLUs stay +inf (an empty channel weighs 0)
             costs = torch.where(torch.isfinite(costs), costs * channel_weights(self.mask_set), costs)
-        restored = none if gains is None else to_restore(gains, round(config.restore * remove))
+        # at most what the ReLUs present before the restore can give back on top of the step's removals
+        count = self.mask_set.count()
+        restored = none if gains is None else to_restore(gains, min(round(config.restore * remove), count - remove))
+        if self.group is not None:  # every process puts back rank 0's choice
+            restored = self.group.broadcast(restored)
         if restored.numel():  # back in, and not removable again in the same step
             self.mask_set.reinstate(restored)
         candidates = propose(costs, remove + int(restored.numel()), int(config.rt), self.generator,
