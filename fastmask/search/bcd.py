@@ -362,15 +362,15 @@ class BCD:
         scoring, so early stopping never changes what the generator yields next. With bcd.restore, the ReLUs put
         back are reinstated in the model here and each candidate removes as many more."""
         config = self.config
-        none = torch.zeros(0, dtype=torch.int64)
+        no_restores = torch.zeros(0, dtype=torch.int64)
         sites = None if config.quota == "none" else self.mask_set.sizes
         if config.proposal == "uniform":
             if sites is None:
-                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0, none
+                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0, no_restores
             # every present ReLU alike and the pool the whole site: each site's quota is a uniform draw from it
             equal = torch.where(self.mask_set.flat(), 0.0, math.inf).double()
             return propose(equal, remove, int(config.rt), self.generator, pool=float(equal.numel()),
-                           temperature=math.inf, site_sizes=sites), 0, none
+                           temperature=math.inf, site_sizes=sites), 0, no_restores
         # Estimated after every finetune (each step starts after one), on the scoring subset.
         part = share(int(self.labels.shape[0]), self.group)
         costs, gains = removal_and_restore_costs(self.model, self.images[part], self.labels[part],
@@ -386,8 +386,8 @@ class BCD:
         if config.concentrate == "channels":  # absent ReLUs stay +inf (an empty channel weighs 0)
             costs = torch.where(torch.isfinite(costs), costs * channel_weights(self.mask_set), costs)
         # at most what the ReLUs present before the restore can give back on top of the step's removals
-        count = self.mask_set.count()
-        restored = none if gains is None else to_restore(gains, min(round(config.restore * remove), count - remove))
+        room = self.mask_set.count() - remove
+        restored = no_restores if gains is None else to_restore(gains, min(round(config.restore * remove), room))
         if self.group is not None:  # every process puts back rank 0's choice
             restored = self.group.broadcast(restored)
         if restored.numel():  # back in, and not removable again in the same step
