@@ -106,7 +106,8 @@ TARGET_FINETUNE_EPOCHS = {"smoke": 1, "small": 10, "full": 20}
 ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", "lean-adam", "settled", "settled-adam",
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
-        "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined", "settled-polynomial",
+        "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined",
+        "continuous-direct-final", "continuous-direct-steps", "continuous-direct-fine", "settled-polynomial",
         "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
@@ -176,20 +177,39 @@ def race_images(settings: dict, train_size: int) -> int:
     return 2 * first + subset if first < subset else 2 * subset
 
 
+def straight_search(scale_name: str, train_size: int, *, rt: int = 2, drc: Optional[int] = None,
+                    target_epochs: Optional[int] = None) -> dict:
+    """A search from B_ref straight to the scale's last target (as SNL's rows go) that spends what continuous spends
+    to it, continuous's target finetunes on the way included, with rt candidates (1: taken unscored, no race), drc
+    ReLUs per step (default gradual's) and target_epochs of target finetune (default the scale's): the finetune
+    steps between removals get the images left. A step trains on its finetune and on the scoring subset (the
+    estimate) and pushes the subset forward (the reference) besides its race."""
+    if rt not in (1, 2):
+        raise ValueError("the race's images are counted for one or two candidates")
+    gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
+    targets, subset = gradual["bcd.targets"], gradual["bcd.score_subset"] or train_size
+    epochs = TARGET_FINETUNE_EPOCHS[scale_name] if target_epochs is None else target_epochs
+    drc = drc or gradual["bcd.drc"]
+
+    def besides_finetune(candidates: int) -> int:
+        return 2 * subset + (race_images(gradual, train_size) if candidates == 2 else 0)
+
+    continuous_steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
+    continuous = (continuous_steps * (step_finetune_images(gradual, train_size) + besides_finetune(2))
+                  + len(targets) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size)
+    steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / drc)
+    max_steps = (continuous - steps * besides_finetune(rt) - epochs * train_size) // (steps * BATCH)
+    return {"bcd.targets": [targets[-1]], "bcd.drc": drc, "bcd.rt": rt, "finetune.max_steps": max_steps,
+            "finetune.epochs": math.ceil(max_steps * BATCH / train_size), "finetune.target_epochs": epochs}
+
+
 def direct_search(scale_name: str, train_size: int, unscored: bool = False) -> dict:
     """The "continuous-direct" arm's search: gradual's, from B_ref straight to the scale's last target, as SNL's rows
     go, with the images the target finetunes on the way (continuous's at 3,000 on its way to 1,500) spent on the
     finetunes between removals instead: small scale, 15 BCD steps of 82 finetune steps instead of 36 and one target
     finetune, so it spends no more images than continuous to the last target. unscored: one candidate per step
     (RT 1), the race's forwards spent on the finetunes too (98 steps)."""
-    gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
-    targets = gradual["bcd.targets"]
-    steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
-    per_step = step_finetune_images(gradual, train_size) + (race_images(gradual, train_size) if unscored else 0)
-    on_the_way = (len(targets) - 1) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size
-    max_steps = (per_step * steps + on_the_way) // (steps * BATCH)
-    return {"bcd.targets": [targets[-1]], "finetune.max_steps": max_steps,
-            "finetune.epochs": math.ceil(max_steps * BATCH / train_size), **({"bcd.rt": 1} if unscored else {})}
+    return straight_search(scale_name, train_size, rt=1 if unscored else 2)
 
 
 def unscored_search(scale_name: str, train_size: int) -> dict:
@@ -205,7 +225,8 @@ def unscored_search(scale_name: str, train_size: int) -> dict:
 SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss",
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
                   "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
-                  "continuous-unscored", "continuous-combined")
+                  "continuous-unscored", "continuous-combined", "continuous-direct-final", "continuous-direct-steps",
+                  "continuous-direct-fine")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -219,7 +240,8 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-fade": "gradual", "continuous-summed": "gradual",
             "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
             "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual",
-            "continuous-combined": "gradual"}
+            "continuous-combined": "gradual", "continuous-direct-final": "gradual",
+            "continuous-direct-steps": "gradual", "continuous-direct-fine": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -288,6 +310,18 @@ def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
             # the three above together, set after they ran, on validation accuracy (each moved it up at 1,500)
             "continuous-combined": {**continuous, **direct_search(scale, train_size, unscored=True),
                                     "bcd.restore": RESTORE_SHARE},
+            # continuous-direct's images split otherwise between the training through the removals and the
+            # finetune of the last mask. SNL trains its last mask on about 26 of its 34 epochs to 1,500 (its alpha
+            # phase has at most 8), continuous-direct on 10 of its 34: all the target finetune's images at 1,500
+            # (continuous's 36 finetune steps per BCD step, as SNL's alpha phase's share), and half of them
+            "continuous-direct-final": {**continuous, **straight_search(
+                scale, train_size, target_epochs=len(SCALES[scale]["bcd.targets"]) * TARGET_FINETUNE_EPOCHS[scale])},
+            "continuous-direct-steps": {**continuous, **straight_search(
+                scale, train_size, target_epochs=TARGET_FINETUNE_EPOCHS[scale] // 2)},
+            # continuous-direct in steps of half the ReLUs, as SNL's alphas fall a little at a time, each taken
+            # unscored so the steps keep their training (two candidates' scores bought nothing: continuous-unscored)
+            "continuous-direct-fine": {**continuous, **straight_search(
+                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -431,8 +465,8 @@ def main(argv=None) -> dict:
                 snl_source in arms or (root / snl_source / "summary.json").is_file())
             # a cheaper search (half the steps, half the candidates), finetuned at each target
             lean = run(root / arm, {**base, **from_first, **lean_search(SCALES[args.scale]), "seed": seed,
-                                    "method": "bcd" if shares_snl else "both", **variant,
-                                    "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale]},
+                                    "method": "bcd" if shares_snl else "both",
+                                    "finetune.target_epochs": TARGET_FINETUNE_EPOCHS[args.scale], **variant},
                        stop_after=stop_after)
             runs[f"seed{seed}/{arm}"] = lean
             if stop_after is None:

@@ -59,26 +59,54 @@ def images_to_each_target(fidelity, settings: dict, train_size: int) -> tuple[di
         target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
         count, images, steps = count - remove, images + per_step, steps + 1
         if count == target:
-            images += fidelity.TARGET_FINETUNE_EPOCHS[settings["scale"]] * train_size
+            images += settings.get("finetune.target_epochs",
+                                   fidelity.TARGET_FINETUNE_EPOCHS[settings["scale"]]) * train_size
             at_targets[target] = images
     return at_targets, steps
 
 
+STRAIGHT_ARMS = {  # arm: (its search, its candidates per step, its target finetune's share of the scale's)
+    "direct": (lambda f, *a: f.direct_search(*a), 2, 1.0),
+    "combined": (lambda f, *a: f.direct_search(*a, unscored=True), 1, 1.0),
+    "direct-final": (lambda f, s, n: f.straight_search(s, n, target_epochs=2 * f.TARGET_FINETUNE_EPOCHS[s]), 2, 2.0),
+    "direct-steps": (lambda f, s, n: f.straight_search(s, n, target_epochs=f.TARGET_FINETUNE_EPOCHS[s] // 2), 2, 0.5),
+    "direct-fine": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 2), 1, 1.0),
+}
+
+
 @pytest.mark.parametrize("scale", ["smoke", "small", "full"])
 @pytest.mark.parametrize("train_size", [1000, 9000, 45000])
-@pytest.mark.parametrize("arm", ["direct", "unscored", "combined"])
+@pytest.mark.parametrize("arm", ["unscored", *STRAIGHT_ARMS])
 def test_an_arm_sharing_continuous_snl_spends_no_more_images_to_the_last_target(fidelity, scale, train_size, arm):
     gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale]), "scale": scale,
                "bcd.rt": 2}
-    search = {"direct": fidelity.direct_search, "unscored": fidelity.unscored_search,
-              "combined": lambda *a: fidelity.direct_search(*a, unscored=True)}[arm](scale, train_size)
+    if arm == "unscored":
+        search, rt, share = fidelity.unscored_search(scale, train_size), 1, 1.0
+    else:
+        make, rt, share = STRAIGHT_ARMS[arm]
+        search = make(fidelity, scale, train_size)
     theirs, _ = images_to_each_target(fidelity, gradual, train_size)
     mine, steps = images_to_each_target(fidelity, {**gradual, **search}, train_size)
     last = gradual["bcd.targets"][-1]
     assert sorted(mine) == (sorted(theirs) if arm == "unscored" else [last])
-    assert search.get("bcd.rt", 2) == (2 if arm == "direct" else 1)
+    assert search.get("bcd.rt", 2) == rt
+    assert search.get("finetune.target_epochs", fidelity.TARGET_FINETUNE_EPOCHS[scale]) == int(
+        share * fidelity.TARGET_FINETUNE_EPOCHS[scale])
+    assert search["finetune.max_steps"] > 0
     assert theirs[last] - steps * fidelity.BATCH < mine[last] <= theirs[last]  # all but under a batch per step
     assert all(mine[t] <= theirs[t] for t in mine)
+
+
+def test_the_straight_arms_split_continuous_images_as_described(fidelity):
+    # small scale, 9,000 train images: continuous's 36 finetune steps per BCD step come back when the target
+    # finetune takes all the images continuous finetunes its two targets on; half the DRC doubles the steps
+    assert fidelity.direct_search("small", 9000)["finetune.max_steps"] == 82
+    assert fidelity.straight_search("small", 9000, target_epochs=20)["finetune.max_steps"] == 36
+    assert fidelity.straight_search("small", 9000, target_epochs=5)["finetune.max_steps"] == 106
+    fine = fidelity.straight_search("small", 9000, rt=1, drc=150)
+    assert (fine["bcd.drc"], fine["finetune.max_steps"]) == (150, 41)
+    with pytest.raises(ValueError, match="one or two candidates"):
+        fidelity.straight_search("small", 9000, rt=3)
 
 
 def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_images(fidelity):
