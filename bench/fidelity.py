@@ -107,7 +107,8 @@ ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", 
         "gradual", "gradual-absolute", "continuous", "continuous-pool", "continuous-loss", "continuous-geometric",
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
         "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined",
-        "continuous-direct-final", "continuous-direct-steps", "continuous-direct-fine", "settled-polynomial",
+        "continuous-direct-final", "continuous-direct-steps", "continuous-direct-fine", "continuous-direct-finer",
+        "continuous-direct-fine-first", "settled-polynomial",
         "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
@@ -178,28 +179,32 @@ def race_images(settings: dict, train_size: int) -> int:
 
 
 def straight_search(scale_name: str, train_size: int, *, rt: int = 2, drc: Optional[int] = None,
-                    target_epochs: Optional[int] = None) -> dict:
-    """A search from B_ref straight to the scale's last target (as SNL's rows go) that spends what continuous spends
-    to it, continuous's target finetunes on the way included, with rt candidates (1: taken unscored, no race), drc
-    ReLUs per step (default gradual's) and target_epochs of target finetune (default the scale's): the finetune
-    steps between removals get the images left. A step trains on its finetune and on the scoring subset (the
-    estimate) and pushes the subset forward (the reference) besides its race."""
+                    target_epochs: Optional[int] = None, target: int = -1) -> dict:
+    """A search from B_ref straight to one of the scale's targets (the last by default; as SNL's rows go) that spends
+    what continuous spends to it, continuous's target finetunes on the way included, with rt candidates (1: taken
+    unscored, no race), drc ReLUs per step (default gradual's) and target_epochs of target finetune (default the
+    scale's): the finetune steps between removals get the images left. A step trains on its finetune and on the
+    scoring subset (the estimate) and pushes the subset forward (the reference) besides its race."""
     if rt not in (1, 2):
         raise ValueError("the race's images are counted for one or two candidates")
     gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
     targets, subset = gradual["bcd.targets"], gradual["bcd.score_subset"] or train_size
+    reached = targets[: len(targets) + target + 1 if target < 0 else target + 1]  # continuous's targets up to it
     epochs = TARGET_FINETUNE_EPOCHS[scale_name] if target_epochs is None else target_epochs
     drc = drc or gradual["bcd.drc"]
 
     def besides_finetune(candidates: int) -> int:
         return 2 * subset + (race_images(gradual, train_size) if candidates == 2 else 0)
 
-    continuous_steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / gradual["bcd.drc"])
+    continuous_steps = math.ceil((gradual["snl.ref_budget"] - reached[-1]) / gradual["bcd.drc"])
     continuous = (continuous_steps * (step_finetune_images(gradual, train_size) + besides_finetune(2))
-                  + len(targets) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size)
-    steps = math.ceil((gradual["snl.ref_budget"] - targets[-1]) / drc)
+                  + len(reached) * TARGET_FINETUNE_EPOCHS[scale_name] * train_size)
+    steps = math.ceil((gradual["snl.ref_budget"] - reached[-1]) / drc)
     max_steps = (continuous - steps * besides_finetune(rt) - epochs * train_size) // (steps * BATCH)
-    return {"bcd.targets": [targets[-1]], "bcd.drc": drc, "bcd.rt": rt, "finetune.max_steps": max_steps,
+    if max_steps < 1:
+        raise ValueError(f"{steps} steps of {drc} ReLUs leave no finetune step between removals at the {scale_name} "
+                         f"scale with {train_size} train images")
+    return {"bcd.targets": [reached[-1]], "bcd.drc": drc, "bcd.rt": rt, "finetune.max_steps": max_steps,
             "finetune.epochs": math.ceil(max_steps * BATCH / train_size), "finetune.target_epochs": epochs}
 
 
@@ -226,7 +231,7 @@ SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
                   "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
                   "continuous-unscored", "continuous-combined", "continuous-direct-final", "continuous-direct-steps",
-                  "continuous-direct-fine")
+                  "continuous-direct-fine", "continuous-direct-finer", "continuous-direct-fine-first")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -241,7 +246,8 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-summed-signed": "gradual", "continuous-channels": "gradual",
             "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual",
             "continuous-combined": "gradual", "continuous-direct-final": "gradual",
-            "continuous-direct-steps": "gradual", "continuous-direct-fine": "gradual"}
+            "continuous-direct-steps": "gradual", "continuous-direct-fine": "gradual",
+            "continuous-direct-finer": "gradual", "continuous-direct-fine-first": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -253,7 +259,15 @@ GEOMETRIC_FRACTION = 0.1
 RESTORE_SHARE = 1 / 3
 
 
-def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
+def unless_too_fine(settings: Callable[[], dict]) -> "dict | ValueError":
+    """An arm's settings, or why its steps leave no finetune at this scale (raised only when the arm is asked for)."""
+    try:
+        return settings()
+    except ValueError as too_fine:
+        return too_fine
+
+
+def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | ValueError]":
     """The lean search's arms: settings each adds (on top of run 1's SNL@B_ref model and teacher); train_size: the
     train split's images (for the arms that turn images into finetune steps)."""
     baseline = str(root / "identity" / "baseline" / "model.safetensors")
@@ -322,6 +336,13 @@ def lean_arms(scale: str, root: Path, train_size: int) -> dict[str, dict]:
             # unscored so the steps keep their training (two candidates' scores bought nothing: continuous-unscored)
             "continuous-direct-fine": {**continuous, **straight_search(
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
+            # set after the three above, on validation (continuous-direct-fine was the only one not under
+            # continuous-direct): half its DRC again (a quarter of continuous's), and its settings straight to the
+            # first target (3,000 at the small scale), for a straight run's row there
+            "continuous-direct-finer": unless_too_fine(lambda: {**continuous, **straight_search(
+                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 4)}),
+            "continuous-direct-fine-first": {**continuous, **straight_search(
+                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -457,6 +478,8 @@ def main(argv=None) -> dict:
             start_only = arm not in arms and bool(set(STARTS.get(arm, ())) & set(arms))
             if arm not in arms and not start_only:
                 continue
+            if isinstance(variant, ValueError):
+                raise SystemExit(f"{arm}: {variant}")
             stop_after = "snl" if start_only else None
             # an arm in SNL_FROM takes its SNL rows from that run when this seed has it (asked for now, or done
             # before), and runs its own SNL side (the same compute) when not

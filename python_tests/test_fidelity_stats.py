@@ -71,6 +71,9 @@ STRAIGHT_ARMS = {  # arm: (its search, its candidates per step, its target finet
     "direct-final": (lambda f, s, n: f.straight_search(s, n, target_epochs=2 * f.TARGET_FINETUNE_EPOCHS[s]), 2, 2.0),
     "direct-steps": (lambda f, s, n: f.straight_search(s, n, target_epochs=f.TARGET_FINETUNE_EPOCHS[s] // 2), 2, 0.5),
     "direct-fine": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 2), 1, 1.0),
+    "direct-finer": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 4), 1, 1.0),
+    "direct-fine-first": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 2, target=0),
+                          1, 1.0),
 }
 
 
@@ -84,10 +87,14 @@ def test_an_arm_sharing_continuous_snl_spends_no_more_images_to_the_last_target(
         search, rt, share = fidelity.unscored_search(scale, train_size), 1, 1.0
     else:
         make, rt, share = STRAIGHT_ARMS[arm]
-        search = make(fidelity, scale, train_size)
+        try:
+            search = make(fidelity, scale, train_size)
+        except ValueError as too_fine:  # a quarter of the DRC: the steps' estimates and references eat the images
+            assert arm == "direct-finer" and "leave no finetune step" in str(too_fine)
+            return
     theirs, _ = images_to_each_target(fidelity, gradual, train_size)
     mine, steps = images_to_each_target(fidelity, {**gradual, **search}, train_size)
-    last = gradual["bcd.targets"][-1]
+    last = gradual["bcd.targets"][0 if arm.endswith("-first") else -1]
     assert sorted(mine) == (sorted(theirs) if arm == "unscored" else [last])
     assert search.get("bcd.rt", 2) == rt
     assert search.get("finetune.target_epochs", fidelity.TARGET_FINETUNE_EPOCHS[scale]) == int(
@@ -105,6 +112,12 @@ def test_the_straight_arms_split_continuous_images_as_described(fidelity):
     assert fidelity.straight_search("small", 9000, target_epochs=5)["finetune.max_steps"] == 106
     fine = fidelity.straight_search("small", 9000, rt=1, drc=150)
     assert (fine["bcd.drc"], fine["finetune.max_steps"]) == (150, 41)
+    assert fidelity.straight_search("small", 9000, target=0)["finetune.max_steps"] == 36  # continuous to 3,000
+    first = fidelity.straight_search("small", 9000, rt=1, drc=150, target=0)
+    assert (first["bcd.targets"], first["finetune.max_steps"]) == ([3000], 18)
+    assert fidelity.straight_search("small", 9000, rt=1, drc=75)["finetune.max_steps"] == 12
+    with pytest.raises(ValueError, match="60 steps of 75 ReLUs leave no finetune step"):
+        fidelity.straight_search("small", 1000, rt=1, drc=75)
     with pytest.raises(ValueError, match="one or two candidates"):
         fidelity.straight_search("small", 9000, rt=3)
 
@@ -125,3 +138,10 @@ def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_image
     assert len(fidelity.shared_snl_rows({"targets": [target(1500, 230, 10)]}, snl_run, "continuous-unscored", 0)) == 1
     with pytest.raises(RuntimeError, match="spent more images"):
         fidelity.shared_snl_rows({"targets": [target(1500, 231, 10)]}, snl_run, "continuous-unscored", 0)
+
+
+def test_an_arm_too_fine_for_a_scale_says_so_only_when_asked_for(fidelity, tmp_path):
+    small, full = fidelity.lean_arms("small", tmp_path, 9000), fidelity.lean_arms("full", tmp_path, 9000)
+    assert small["continuous-direct-finer"]["bcd.drc"] == 75
+    assert isinstance(full["continuous-direct-finer"], ValueError)  # the other arms still build at that scale
+    assert full["continuous-direct-fine"]["bcd.drc"] == 50
