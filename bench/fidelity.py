@@ -37,8 +37,13 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      alphas can grow back; "continuous-direct": continuous from B_ref straight to the last target, as SNL goes,
      the images of the target finetunes on the way spent on the finetunes between removals (direct_search);
      "continuous-unscored": continuous with one candidate per step taken unscored (RT 1), the race's forwards
-     spent on the step's finetune (unscored_search); "continuous-combined": the last three together. These fourteen
-     spend, to every target they reach, no more
+     spent on the step's finetune (unscored_search); "continuous-combined": the last three together;
+     "continuous-direct-final" and "continuous-direct-steps": continuous-direct with all the images of the target
+     finetunes on the way on the last mask's finetune (20 epochs at the small scale, as SNL trains its last mask
+     most) or with half its target finetune moved to the finetunes between removals (5 epochs);
+     "continuous-direct-fine" and "continuous-direct-finer": continuous-direct in steps of a half and a quarter of
+     the DRC, each step's one candidate taken unscored; "continuous-direct-fine-first": continuous-direct-fine
+     straight to the first target (straight_search). These nineteen spend, to every target they reach, no more
      images than gradual does, from its start and seed: their SNL rows are gradual's SNL run when the seed has one
      (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
@@ -631,7 +636,12 @@ def markdown(p: dict) -> str:
              "many more; continuous-direct = continuous from B_ref straight to the last target, the images of "
              "the target finetunes on the way spent on the finetunes between removals; continuous-unscored = "
              "continuous with one candidate per step taken unscored, its forwards spent on the step's finetune; "
-             "continuous-combined = the last three together (the SNL rows of the last fourteen are gradual's SNL "
+             "continuous-combined = the last three together; continuous-direct-final, continuous-direct-steps = "
+             "continuous-direct with the target finetunes' images all on the last mask's finetune, or half of its "
+             "own moved to the finetunes between removals; continuous-direct-fine, continuous-direct-finer = "
+             "continuous-direct in steps of a half and a quarter of the DRC, one candidate per step taken unscored; "
+             "continuous-direct-fine-first = continuous-direct-fine straight to the first target "
+             "(the SNL rows of the last nineteen are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "
