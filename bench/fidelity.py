@@ -330,9 +330,10 @@ def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | Valu
             "continuous-combined": {**continuous, **direct_search(scale, train_size, unscored=True),
                                     "bcd.restore": RESTORE_SHARE},
             # continuous-direct's images split otherwise between the training through the removals and the
-            # finetune of the last mask. SNL trains its last mask on about 26 of its 34 epochs to 1,500 (its alpha
-            # phase has at most 8), continuous-direct on 10 of its 34: all the target finetune's images at 1,500
-            # (continuous's 36 finetune steps per BCD step, as SNL's alpha phase's share), and half of them
+            # finetune of the last mask. SNL trains its last mask on 26.5 of its 34.5 epochs to 1,500 (its alpha
+            # phase ran 8), continuous-direct on 10: all the target finetunes' images on the last mask (continuous's
+            # 36 finetune steps per BCD step, about what SNL's alpha phase trains on), and half of its own moved to
+            # the finetunes between removals
             "continuous-direct-final": {**continuous, **straight_search(
                 scale, train_size, target_epochs=len(SCALES[scale]["bcd.targets"]) * TARGET_FINETUNE_EPOCHS[scale])},
             "continuous-direct-steps": {**continuous, **straight_search(
