@@ -194,7 +194,7 @@ def straight_search(scale_name: str, train_size: int, *, rt: int = 2, drc: Optio
         raise ValueError("the race's images are counted for one or two candidates")
     gradual = {**SCALES[scale_name], **gradual_search(SCALES[scale_name])}
     targets, subset = gradual["bcd.targets"], gradual["bcd.score_subset"] or train_size
-    reached = targets[: len(targets) + target + 1 if target < 0 else target + 1]  # continuous's targets up to it
+    reached = targets[: target % len(targets) + 1]  # continuous's targets up to this one
     epochs = TARGET_FINETUNE_EPOCHS[scale_name] if target_epochs is None else target_epochs
     drc = drc or gradual["bcd.drc"]
 
