@@ -43,9 +43,11 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      most) or with half its target finetune moved to the finetunes between removals (5 epochs);
      "continuous-direct-fine" and "continuous-direct-finer": continuous-direct in steps of a half and a quarter of
      the DRC, each step's one candidate taken unscored; "continuous-direct-fine-first": continuous-direct-fine
-     straight to the first target (straight_search). These nineteen spend, to every target they reach, no more
-     images than gradual does, from its start and seed: their SNL rows are gradual's SNL run when the seed has one
-     (SNL_FROM; checked), else their own;
+     straight to the first target (straight_search); "continuous-direct-greedy" and
+     "continuous-direct-greedy-first": continuous-direct-fine and -fine-first removing the cheapest ReLUs by the
+     estimate (bcd.pool GREEDY_POOL) instead of a draw from the 4 x DRC cheapest. These twenty-one spend, to every
+     target they reach, no more images than gradual does, from its start and seed: their SNL rows are gradual's SNL
+     run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -113,7 +115,8 @@ ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", 
         "continuous-quota", "continuous-fade", "continuous-summed", "continuous-summed-signed", "continuous-channels",
         "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined",
         "continuous-direct-final", "continuous-direct-steps", "continuous-direct-fine", "continuous-direct-finer",
-        "continuous-direct-fine-first", "settled-polynomial",
+        "continuous-direct-fine-first", "continuous-direct-greedy", "continuous-direct-greedy-first",
+        "settled-polynomial",
         "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
@@ -236,7 +239,8 @@ SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "
                   "continuous-geometric", "continuous-quota", "continuous-fade", "continuous-summed",
                   "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
                   "continuous-unscored", "continuous-combined", "continuous-direct-final", "continuous-direct-steps",
-                  "continuous-direct-fine", "continuous-direct-finer", "continuous-direct-fine-first")
+                  "continuous-direct-fine", "continuous-direct-finer", "continuous-direct-fine-first",
+                  "continuous-direct-greedy", "continuous-direct-greedy-first")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -252,7 +256,8 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-restore": "gradual", "continuous-direct": "gradual", "continuous-unscored": "gradual",
             "continuous-combined": "gradual", "continuous-direct-final": "gradual",
             "continuous-direct-steps": "gradual", "continuous-direct-fine": "gradual",
-            "continuous-direct-finer": "gradual", "continuous-direct-fine-first": "gradual"}
+            "continuous-direct-finer": "gradual", "continuous-direct-fine-first": "gradual",
+            "continuous-direct-greedy": "gradual", "continuous-direct-greedy-first": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -262,6 +267,9 @@ GEOMETRIC_FRACTION = 0.1
 # The "continuous-restore" arm's restores per step, a share of DRC (fixed before its run): 100 of every step's 300
 # go back, 400 come out.
 RESTORE_SHARE = 1 / 3
+# The "continuous-direct-greedy" arms' pool (fixed before their runs): a step taken unscored has no use for a
+# sample's spread, so it removes the cheapest DRC (the pool grows to DRC + 1 so two candidates could differ).
+GREEDY_POOL = 1.0
 
 
 def unless_too_fine(settings: Callable[[], dict]) -> "dict | ValueError":
@@ -348,6 +356,12 @@ def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | Valu
             "continuous-direct-finer": unless_too_fine(lambda: {**continuous, **straight_search(
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 4)}),
             "continuous-direct-fine-first": {**continuous, **straight_search(
+                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
+            # continuous-direct-fine and -fine-first removing the estimate's cheapest instead of a draw from the
+            # 4 x DRC cheapest: with one candidate, unscored, sampling only adds removals the estimate rates dearer
+            "continuous-direct-greedy": {**continuous, "bcd.pool": GREEDY_POOL, **straight_search(
+                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
+            "continuous-direct-greedy-first": {**continuous, "bcd.pool": GREEDY_POOL, **straight_search(
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
@@ -641,8 +655,10 @@ def markdown(p: dict) -> str:
              "continuous-direct with the target finetunes' images all on the last mask's finetune, or half of its "
              "own moved to the finetunes between removals; continuous-direct-fine, continuous-direct-finer = "
              "continuous-direct in steps of a half and a quarter of the DRC, one candidate per step taken unscored; "
-             "continuous-direct-fine-first = continuous-direct-fine straight to the first target "
-             "(the SNL rows of the last nineteen are gradual's SNL "
+             "continuous-direct-fine-first = continuous-direct-fine straight to the first target; "
+             "continuous-direct-greedy, continuous-direct-greedy-first = continuous-direct-fine and -fine-first "
+             "removing the estimate's cheapest ReLUs, not a draw from the 4 x DRC cheapest "
+             "(the SNL rows of the last twenty-one are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

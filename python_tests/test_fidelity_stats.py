@@ -145,3 +145,22 @@ def test_an_arm_too_fine_for_a_scale_says_so_only_when_asked_for(fidelity, tmp_p
     assert small["continuous-direct-finer"]["bcd.drc"] == 75
     assert isinstance(full["continuous-direct-finer"], ValueError)  # the other arms still build at that scale
     assert full["continuous-direct-fine"]["bcd.drc"] == 50
+
+
+@pytest.mark.parametrize("scale", ["small", "full"])
+def test_the_greedy_arms_are_the_fine_arms_taking_the_cheapest(fidelity, tmp_path, scale):
+    arms = fidelity.lean_arms(scale, tmp_path, 9000)
+    for fine, greedy in (("continuous-direct-fine", "continuous-direct-greedy"),
+                         ("continuous-direct-fine-first", "continuous-direct-greedy-first")):
+        assert arms[greedy] == {**arms[fine], "bcd.pool": 1.0}
+        assert "bcd.pool" not in arms[fine]  # the fine arms draw from the default 4 x DRC
+        assert greedy in fidelity.SNL_FROM and greedy in fidelity.SETTLED_STARTS and greedy in fidelity.ARMS
+
+
+def test_a_pool_of_one_draws_the_cheapest():
+    from fastmask.search.proposal import propose
+    costs = torch.tensor([5.0, 0.1, 3.0, 0.2, float("inf"), 0.3, 9.0, 4.0])
+    for seed in range(5):
+        (candidate,) = propose(costs, 3, 1, torch.Generator().manual_seed(seed), pool=1.0, temperature=0.5)
+        # the pool grows to k + 1 (the cheapest four) so two candidates could differ; three of those four go
+        assert set(candidate.tolist()) <= {1, 3, 5, 2} and len(candidate) == 3
