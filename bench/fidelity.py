@@ -45,9 +45,10 @@ Per seed, fastmask.pipeline runs (nothing here re-implements a stage):
      the DRC, each step's one candidate taken unscored; "continuous-direct-fine-first": continuous-direct-fine
      straight to the first target (straight_search); "continuous-direct-greedy" and
      "continuous-direct-greedy-first": continuous-direct-fine and -fine-first removing the cheapest ReLUs by the
-     estimate (bcd.pool GREEDY_POOL) instead of a draw from the 4 x DRC cheapest. These twenty-one spend, to every
-     target they reach, no more images than gradual does, from its start and seed: their SNL rows are gradual's SNL
-     run when the seed has one (SNL_FROM; checked), else their own;
+     estimate (bcd.pool GREEDY_POOL) instead of a draw from the 4 x DRC cheapest; "continuous-direct-greedy-summed":
+     continuous-direct-greedy with the estimate summed over the finetunes' batches too (bcd.estimate_from). These
+     twenty-two spend, to every target they reach, no more images than gradual does, from its start and seed: their
+     SNL rows are gradual's SNL run when the seed has one (SNL_FROM; checked), else their own;
   2d. "settled-polynomial": settled with the polynomial replacement (SNL to B_ref from run 1's baseline with the
      polynomial, then settled's longer finetune); "continuous-polynomial": continuous from that start with the
      polynomial, --method both (its own SNL side, with the polynomial too);
@@ -116,7 +117,7 @@ ARMS = ("default", "paper", "default-absolute", "finetuned", "lean", "lean-lr", 
         "continuous-restore", "continuous-direct", "continuous-unscored", "continuous-combined",
         "continuous-direct-final", "continuous-direct-steps", "continuous-direct-fine", "continuous-direct-finer",
         "continuous-direct-fine-first", "continuous-direct-greedy", "continuous-direct-greedy-first",
-        "settled-polynomial",
+        "continuous-direct-greedy-summed", "settled-polynomial",
         "continuous-polynomial", "polynomial")
 # The "lean-lr" arm: lean with every finetune (BCD's and SNL's alike) at this SGD lr instead of the paper's 1e-3, a
 # tenth of the baseline's 0.1 (chosen before any run, not on any measurement).
@@ -240,7 +241,7 @@ SETTLED_STARTS = ("settled-adam", "gradual", "gradual-absolute", "continuous", "
                   "continuous-summed-signed", "continuous-channels", "continuous-restore", "continuous-direct",
                   "continuous-unscored", "continuous-combined", "continuous-direct-final", "continuous-direct-steps",
                   "continuous-direct-fine", "continuous-direct-finer", "continuous-direct-fine-first",
-                  "continuous-direct-greedy", "continuous-direct-greedy-first")
+                  "continuous-direct-greedy", "continuous-direct-greedy-first", "continuous-direct-greedy-summed")
 # The arms whose SNL@B_ref model others start from, and those others: asked for alone, these make only that start.
 STARTS = {"settled": SETTLED_STARTS, "settled-polynomial": ("continuous-polynomial",)}
 # Arms that need only run 1's baseline: the starts above (they redo SNL to B_ref from it), the arms on them, and
@@ -257,7 +258,8 @@ SNL_FROM = {"gradual-absolute": "gradual", "continuous": "gradual", "continuous-
             "continuous-combined": "gradual", "continuous-direct-final": "gradual",
             "continuous-direct-steps": "gradual", "continuous-direct-fine": "gradual",
             "continuous-direct-finer": "gradual", "continuous-direct-fine-first": "gradual",
-            "continuous-direct-greedy": "gradual", "continuous-direct-greedy-first": "gradual"}
+            "continuous-direct-greedy": "gradual", "continuous-direct-greedy-first": "gradual",
+            "continuous-direct-greedy-summed": "gradual"}
 # The "continuous-pool" arm's pool (bcd.pool, a multiple of DRC): the default 4 x 300 is two thirds of the 1,800
 # ReLUs left before the last step to 1,500, so its candidates are nearly uniform draws there (fixed before its run).
 CONTINUOUS_POOL = 1.5
@@ -363,6 +365,12 @@ def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | Valu
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
             "continuous-direct-greedy-first": {**continuous, "bcd.pool": GREEDY_POOL, **straight_search(
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
+            # greedy removals follow the estimate exactly, so its noise goes straight into them: summed over the
+            # step's finetune batches too (41 x 128 images besides the subset's 1,024, no image more), as in
+            # continuous-summed (whose sampled, scored candidates did not need it)
+            "continuous-direct-greedy-summed": {**continuous, "bcd.pool": GREEDY_POOL,
+                                                "bcd.estimate_from": "subset+finetune", **straight_search(
+                                                    scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},
@@ -657,8 +665,9 @@ def markdown(p: dict) -> str:
              "continuous-direct in steps of a half and a quarter of the DRC, one candidate per step taken unscored; "
              "continuous-direct-fine-first = continuous-direct-fine straight to the first target; "
              "continuous-direct-greedy, continuous-direct-greedy-first = continuous-direct-fine and -fine-first "
-             "removing the estimate's cheapest ReLUs, not a draw from the 4 x DRC cheapest "
-             "(the SNL rows of the last twenty-one are gradual's SNL "
+             "removing the estimate's cheapest ReLUs, not a draw from the 4 x DRC cheapest; "
+             "continuous-direct-greedy-summed = continuous-direct-greedy with the estimate summed over the "
+             "finetunes' batches too (the SNL rows of the last twenty-two are gradual's SNL "
              "run where the seed has one: the same start and seed, and at least the images); settled-polynomial = "
              "settled with the polynomial replacement on both sides; continuous-polynomial = continuous from "
              "settled-polynomial's start with the polynomial on both sides (its own SNL run). SNL goes from the same "

@@ -155,6 +155,8 @@ def test_the_greedy_arms_are_the_fine_arms_taking_the_cheapest(fidelity, tmp_pat
         assert arms[greedy] == {**arms[fine], "bcd.pool": 1.0}
         assert "bcd.pool" not in arms[fine]  # the fine arms draw from the default 4 x DRC
         assert greedy in fidelity.SNL_FROM and greedy in fidelity.SETTLED_STARTS and greedy in fidelity.ARMS
+    summed = arms["continuous-direct-greedy-summed"]
+    assert summed == {**arms["continuous-direct-greedy"], "bcd.estimate_from": "subset+finetune"}
 
 
 def test_a_pool_of_one_draws_the_cheapest():
