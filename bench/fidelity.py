@@ -292,6 +292,10 @@ def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | Valu
     continuous = {**gradual_absolute, "finetune.step_schedule": "continuous"}
     settled = {"finetune.lr": LEAN_FINETUNE_LR, "model.checkpoint": baseline,
                "snl.finetune_epochs": SETTLED_SNL_FINETUNE_EPOCHS[scale]}
+    # continuous-direct in steps of half its ReLUs, one candidate each, taken unscored: to the last target and the first
+    fine, fine_first = ({**continuous, **straight_search(scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2,
+                                                         target=target)} for target in (-1, 0))
+    greedy = {**fine, "bcd.pool": GREEDY_POOL}
     return {"lean": {}, "lean-lr": {"finetune.lr": LEAN_FINETUNE_LR}, "lean-adam": LEAN_ADAM,
             # SNL to B_ref again from run 1's baseline (the same alpha phase), then a longer finetune
             "settled": settled,
@@ -350,27 +354,21 @@ def lean_arms(scale: str, root: Path, train_size: int) -> "dict[str, dict | Valu
                 scale, train_size, target_epochs=TARGET_FINETUNE_EPOCHS[scale] // 2)},
             # continuous-direct in steps of half the ReLUs, as SNL's alphas fall a little at a time, each taken
             # unscored so the steps keep their training (two candidates' scores bought nothing: continuous-unscored)
-            "continuous-direct-fine": {**continuous, **straight_search(
-                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
+            "continuous-direct-fine": fine,
             # set after the three above, on validation (continuous-direct-fine was the only one not under
             # continuous-direct): half its DRC again (a quarter of continuous's), and its settings straight to the
             # first target (3,000 at the small scale), for a straight run's row there
             "continuous-direct-finer": unless_too_fine(lambda: {**continuous, **straight_search(
                 scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 4)}),
-            "continuous-direct-fine-first": {**continuous, **straight_search(
-                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
+            "continuous-direct-fine-first": fine_first,
             # continuous-direct-fine and -fine-first removing the estimate's cheapest instead of a draw from the
             # 4 x DRC cheapest: with one candidate, unscored, sampling only adds removals the estimate rates dearer
-            "continuous-direct-greedy": {**continuous, "bcd.pool": GREEDY_POOL, **straight_search(
-                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
-            "continuous-direct-greedy-first": {**continuous, "bcd.pool": GREEDY_POOL, **straight_search(
-                scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2, target=0)},
+            "continuous-direct-greedy": greedy,
+            "continuous-direct-greedy-first": {**fine_first, "bcd.pool": GREEDY_POOL},
             # greedy removals follow the estimate exactly, so its noise goes straight into them: summed over the
             # step's finetune batches too (41 x 128 images besides the subset's 1,024, no image more), as in
             # continuous-summed (whose sampled, scored candidates did not need it)
-            "continuous-direct-greedy-summed": {**continuous, "bcd.pool": GREEDY_POOL,
-                                                "bcd.estimate_from": "subset+finetune", **straight_search(
-                                                    scale, train_size, rt=1, drc=SCALES[scale]["bcd.drc"] // 2)},
+            "continuous-direct-greedy-summed": {**greedy, "bcd.estimate_from": "subset+finetune"},
             # settled's start with the polynomial replacement (fitted on the baseline, trained in SNL's alpha phase
             # and finetune), and continuous from it with the polynomial: both methods keep the polynomial
             "settled-polynomial": {**settled, "replacement": "polynomial"},

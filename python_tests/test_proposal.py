@@ -329,6 +329,17 @@ def test_candidates_are_distinct_sorted_present_and_from_the_pool():
         assert set(c.tolist()) <= cheapest
 
 
+
+def test_a_pool_of_one_draws_the_cheapest():
+    """pool=1 with one candidate removes the estimate's cheapest: the pool grows to k + 1 (so that two candidates
+    could differ) and k of those go."""
+    costs = costs_with_absent()
+    k = 20
+    cheapest = set(torch.sort(costs.abs()).indices[:k + 1].tolist())
+    for seed in range(5):
+        (candidate,) = propose(costs, k, 1, torch.Generator().manual_seed(seed), pool=1.0, temperature=0.5)
+        assert candidate.numel() == k and set(candidate.tolist()) <= cheapest
+
 def test_deterministic_given_the_generator():
     costs = costs_with_absent()
     first = propose(costs, 15, 10, torch.Generator().manual_seed(7), **DEFAULTS)
