@@ -329,7 +329,6 @@ def test_candidates_are_distinct_sorted_present_and_from_the_pool():
         assert set(c.tolist()) <= cheapest
 
 
-
 def test_a_pool_of_one_draws_the_cheapest():
     """pool=1 with one candidate removes the estimate's cheapest: the pool grows to k + 1 (so that two candidates
     could differ) and k of those go."""
@@ -339,6 +338,7 @@ def test_a_pool_of_one_draws_the_cheapest():
     for seed in range(5):
         (candidate,) = propose(costs, k, 1, torch.Generator().manual_seed(seed), pool=1.0, temperature=0.5)
         assert candidate.numel() == k and set(candidate.tolist()) <= cheapest
+
 
 def test_deterministic_given_the_generator():
     costs = costs_with_absent()
