@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import randomize_batchnorm
 
 import fastmask as fm
+from fastmask import cpu_memory
 from fastmask.errors import FastmaskError
 from fastmask.ops import reference
 from fastmask.search import fused_forward, scoring
@@ -325,6 +326,33 @@ def test_cache_size_is_read_once_and_parsed():
     assert scoring._parse_size("48K\n") == 48 * 2**10 and scoring._parse_size("32M") == 32 * 2**20
     with pytest.raises(ValueError):
         scoring._parse_size("lots")
+
+
+_KEEP_FREED_SCRIPT = """
+import platform, sys
+sys.path.insert(0, {repo!r})
+import torch
+import fastmask as fm
+from fastmask import cpu_memory
+from fastmask.search.scoring import score_current
+assert cpu_memory.kept_trim_bytes() is None
+model = fm.models.create("resnet18", 10, 8, width=4).eval()
+score_current(model, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+kept = cpu_memory.kept_trim_bytes()
+assert cpu_memory.keep_freed_memory() == (kept > 0) and cpu_memory.kept_trim_bytes() == kept  # once a process
+glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+print("kept", kept, "glibc", glibc)
+"""
+
+
+def test_cpu_scoring_keeps_freed_memory_once_per_process():
+    """The first CPU scoring sets glibc's thresholds, and only the first."""
+    script = _KEEP_FREED_SCRIPT.format(repo=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept, glibc = result.stdout.split()[1], result.stdout.split()[3]
+    expected = cpu_memory.TRIM_BYTES if glibc == "True" else 0
+    assert int(kept) == expected
 
 
 # ---- early stop ----------------------------------------------------------------------------------------------------
