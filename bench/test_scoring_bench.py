@@ -11,8 +11,17 @@ run once instead of K times).
   batched runs the fused conv_bn_act path (and, as a second row, the module path). Target: >= 4x sequential.
 - CPU: a reduced case (width 16, 256 images, K = 8). Target: batched >= 0.95x sequential. Scoring sizes its stacked
   passes on the CPU to the last-level cache (recorded in the JSON as cpu_last_level_cache_bytes): one pass of all
-  2,048 rows streams every activation through memory and loses to the loop's 128-image forwards.
+  2,048 rows streams every activation through memory and loses to the loop's 128-image forwards. Its first call also
+  keeps freed memory in the process (fastmask.cpu_memory; cpu_kept_trim_bytes in the JSON), from then on for
+  the loop too: the agreement check runs both once before the timing, so both are timed without glibc's page faults.
 Candidates are DRC = 100 ReLUs sampled uniformly from the present ones (MaskSet.sample), as a BCD step draws them.
+
+Racing (`--scoring race`) against exact scoring (`--scoring exact`, Algorithm 2's rule: candidates in order on the
+whole subset, stop at the first whose drop < ADT), one BCD step's scoring each, the same candidates and images:
+image-forwards and seconds per step, and the ratios exact / race. The labels are the model's own predictions with its
+current masks, so the reference is 100% and a candidate's drop is the share of images its removal changes, as on a
+trained model where every removal costs something (most steps of the fidelity runs fell back: no candidate within
+ADT, so exact scores all RT). CPU: width 16, 1,024 images, RT 8; CUDA: width 64, 2,048 images, RT 8 and 50.
 
 Run: python -m pytest bench/test_scoring_bench.py -q --benchmark-json=bench/results/scoring.json
 """
@@ -27,22 +36,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastmask as fm
+from fastmask import cpu_memory
+from fastmask.config import BCDConfig
 from fastmask.search import fused_forward
-from fastmask.search.scoring import first_differing_block, last_level_cache_bytes, score_hypotheses
+from fastmask.search.bcd import choose
+from fastmask.search.racing import race
+from fastmask.search.scoring import first_differing_block, last_level_cache_bytes, score_current, score_hypotheses
 
 CLASSES, IMAGE = 100, 32
 DRC = 100
 SEQUENTIAL_BATCH = 128
 TABLE = "scoring: batched score_hypotheses vs sequential plain loop (each candidate alone, batches of 128)"
+RACE_TABLE = "racing: one BCD step's scoring, race (successive halving) vs exact (first candidate under ADT, in order)"
+ADT = BCDConfig().adt
 
 
-def make_case(width: int, n_images: int, k: int, device: torch.device, seed: int = 0):
+# Where in a search a step scores: (share of the ReLUs still present, DRC). "late" is the fidelity runs' first step
+# at their small scale, 300 of the 6,000 ReLUs of B_ref (5% of 122,880, then 5% of those).
+STAGES = {"mid-search": (0.5, lambda present: DRC), "late": (0.05, lambda present: round(0.05 * present))}
+
+
+def make_case(width: int, n_images: int, k: int, device: torch.device, seed: int = 0, stage: str = "mid-search"):
     torch.manual_seed(seed)
     model = fm.models.create("resnet18", CLASSES, IMAGE, width=width).to(device).eval()
     ms = fm.MaskSet(model)
     g = torch.Generator().manual_seed(seed)
-    ms.remove(ms.sample(ms.total() // 2, g))  # mid-search: half the ReLUs already gone
-    candidates = [ms.sample(DRC, g) for _ in range(k)]
+    share, drc = STAGES[stage]
+    ms.remove(ms.sample(ms.total() - round(share * ms.total()), g))
+    candidates = [ms.sample(drc(ms.count()), g) for _ in range(k)]
     images = torch.randn(n_images, 3, IMAGE, IMAGE, generator=g).to(device)
     labels = torch.randint(0, CLASSES, (n_images,), generator=g).to(device)
     return model, candidates, images, labels
@@ -140,6 +161,7 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
             "first_differing_block": first, "prefix_conv_flops_skipped": skipped,
             "max_correct_count_mismatch": mismatch,
             "cpu_last_level_cache_bytes": last_level_cache_bytes() if device.type == "cpu" else None,
+            "cpu_kept_trim_bytes": cpu_memory.kept_trim_bytes() if device.type == "cpu" else None,
             "sequential_s": seconds["sequential"], "sequential_candidates_per_s": k / seconds["sequential"]}
     bench_table(TABLE, variant="sequential (baseline)", device=info["device"], width=width, images=n_images, K=k,
                 seconds=seconds["sequential"], cand_per_s=k / seconds["sequential"], ratio=1.0,
@@ -160,7 +182,7 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
 
 
 def test_scoring_cpu(benchmark, bench_table):
-    info = run_case(benchmark, bench_table, torch.device("cpu"), width=16, n_images=256, k=8, rounds=2,
+    info = run_case(benchmark, bench_table, torch.device("cpu"), width=16, n_images=256, k=8, rounds=7,
                     fused_variants={"batched": False})
     assert info["batched_vs_sequential"] >= 0.95, "batched scoring must not be slower than the sequential loop"
 
@@ -173,3 +195,62 @@ def test_scoring_cuda(benchmark, bench_table, k):
         variants = {"batched (fused)": True, **variants}
     run_case(benchmark, bench_table, torch.device("cuda"), width=64, n_images=1024, k=k, rounds=3,
              fused_variants=variants)
+
+
+def own_predictions(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's predictions with its current masks: as labels they make every removal cost accuracy."""
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + SEQUENTIAL_BATCH]).argmax(1)
+                          for i in range(0, images.shape[0], SEQUENTIAL_BATCH)])
+
+
+def run_race_case(benchmark, bench_table, device: torch.device, width: int, n_images: int, k: int, rounds: int,
+                  stage: str):
+    model, candidates, images, _ = make_case(width, n_images, k, device, stage=stage)
+    labels = own_predictions(model, images)
+    reference = score_current(model, images, labels)
+
+    def exact():
+        scores = score_hypotheses(model, candidates, images, labels, reference=reference, adt=ADT)
+        choice, fallback = choose(scores, reference, "accuracy")
+        return choice, fallback, reference[0] - float(scores.accuracy[choice]), int(scores.scored) * n_images
+
+    def racing():
+        result = race(model, candidates, images, labels, reference=reference, adt=ADT)
+        return result.best, result.accepted is None, reference[0] - result.best_scores[0], result.forward_images
+
+    picks = {"exact": exact(), "race": racing()}  # also the warm-up of both
+    seconds = interleaved_seconds({"exact": exact, "race": racing}, device, rounds)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    info = {"device": name, "threads": torch.get_num_threads(), "width": width, "images": n_images, "K": k,
+            "stage": stage, "present": fm.MaskSet(model).count(), "drc": int(candidates[0].numel()), "adt": ADT,
+            "same_pick": picks["exact"][0] == picks["race"][0]}
+    for variant, (pick, fallback, drop, forwards) in picks.items():
+        info.update({f"{variant}_s": seconds[variant], f"{variant}_forward_images": forwards,
+                     f"{variant}_pick": pick, f"{variant}_fallback": fallback, f"{variant}_drop": drop})
+        bench_table(RACE_TABLE, variant="exact (baseline)" if variant == "exact" else variant, device=name,
+                    width=width, stage=stage, present=info["present"], drc=info["drc"], images=n_images, K=k,
+                    forward_images=forwards, seconds=seconds[variant],
+                    images_saved=f"{forwards and picks['exact'][3] / forwards:.2f}x",
+                    time_saved=f"{seconds['exact'] / seconds[variant]:.2f}x", pick=pick, drop=drop,
+                    fallback=fallback)
+    info["race_images_vs_exact"] = picks["exact"][3] / picks["race"][3]
+    info["race_seconds_vs_exact"] = seconds["exact"] / seconds["race"]
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(racing, rounds=1, iterations=1)
+    return info
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_race_vs_exact_cpu(benchmark, bench_table, stage):
+    info = run_race_case(benchmark, bench_table, torch.device("cpu"), width=16, n_images=1024, k=8, rounds=2,
+                         stage=stage)
+    if info["exact_fallback"]:  # exact scored every candidate on every image; the race cannot spend more
+        assert info["race_forward_images"] < info["exact_forward_images"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("k", [8, 50])
+def test_race_vs_exact_cuda(benchmark, bench_table, k, stage):
+    run_race_case(benchmark, bench_table, torch.device("cuda"), width=64, n_images=2048, k=k, rounds=3, stage=stage)
