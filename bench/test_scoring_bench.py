@@ -231,7 +231,7 @@ def run_race_case(benchmark, bench_table, device: torch.device, width: int, n_im
         bench_table(RACE_TABLE, variant="exact (baseline)" if variant == "exact" else variant, device=name,
                     width=width, stage=stage, present=info["present"], drc=info["drc"], images=n_images, K=k,
                     forward_images=forwards, seconds=seconds[variant],
-                    images_saved=f"{forwards and picks['exact'][3] / forwards:.2f}x",
+                    images_saved=f"{picks['exact'][3] / forwards:.2f}x",
                     time_saved=f"{seconds['exact'] / seconds[variant]:.2f}x", pick=pick, drop=drop,
                     fallback=fallback)
     info["race_images_vs_exact"] = picks["exact"][3] / picks["race"][3]
