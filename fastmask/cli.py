@@ -138,7 +138,11 @@ def run_command(prog: str, body: Callable[[list[str]], object], argv: Optional[S
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """fastmask-linearize."""
-    return run_command(PROG, run, argv)
+    from . import distributed
+
+    code = run_command(PROG, run, argv)
+    distributed.leave_if_launched(code)  # under torchrun: exit here, past an interpreter shutdown that gloo can abort
+    return code
 
 
 def export_main(argv: Optional[Sequence[str]] = None) -> int:

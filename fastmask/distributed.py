@@ -31,6 +31,7 @@ from .errors import FastmaskError
 # ends every process as soon as one dies). Long enough for the slowest thing one rank does alone: writing a report.
 TIMEOUT = datetime.timedelta(minutes=10)
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_joined_launched_group = False  # set once from_environment has started this process's group
 
 
 @dataclass
@@ -109,6 +110,8 @@ def from_environment(device: Optional[str]) -> Optional[Group]:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=TIMEOUT,
                                 device_id=torch.device("cuda", local_rank) if on_cuda else None)
+        global _joined_launched_group
+        _joined_launched_group = True
     return Group(rank=rank, size=size, backend=backend, local_rank=local_rank)
 
 
@@ -122,6 +125,23 @@ def device_for(group: Optional[Group], device: str) -> str:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """Ends this process now with `code`, without the interpreter's shutdown; call it with every file written and
+    the group closed. gloo's worker threads may still be dropping the last collectives' tensors, which takes the GIL,
+    and an interpreter shutting down under them aborts the process now and then (SIGABRT, "terminate called without
+    an active exception"), which torchrun reports as a failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def leave_if_launched(code: int) -> None:
+    """`leave(code)` in a process that joined torchrun's group through `from_environment`; otherwise returns."""
+    if _joined_launched_group:
+        close()
+        leave(code)
 
 
 def masks_digest(model: nn.Module) -> str:
@@ -178,8 +198,4 @@ def _local_process(rank: int, size: int, folder: str, fn: Callable[..., Any], ar
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # gloo's worker threads may still be dropping the last collectives' tensors, which takes the GIL; an interpreter
-    # shutting down under them aborts the process now and then. The result is on disk: leave without the shutdown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(0)  # the result is on disk

@@ -229,6 +229,19 @@ def test_two_processes_run_the_offline_default_to_exact_identical_masks(two_proc
     assert "(rank 1)" not in output
 
 
+def test_every_process_of_a_finished_run_exits_cleanly(tmp_path, two_process_run):
+    # resuming a finished run only rewrites the report, so the processes reach their end within a second of each
+    # other: the moment at which an interpreter shutting down under gloo's threads used to abort one now and then
+    out = tmp_path / "run"
+    shutil.copytree(two_process_run[0], out)
+    masks = target_masks(out)
+    for _ in range(4):
+        output = finish(torchrun(2, out, "--resume"))
+        assert "SIGABRT" not in output and "terminate called" not in output
+        assert "resuming after step" in output
+    assert target_masks(out) == masks
+
+
 def _rank_pid(rank: int, marker: str) -> int:
     """The pid of the worker started with RANK=rank and our marker in its environment (Linux /proc)."""
     for child in Path("/proc").iterdir():
