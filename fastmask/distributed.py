@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -127,7 +127,7 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def leave(code: int) -> None:
+def leave(code: int) -> NoReturn:
     """Ends this process now with `code`, without the interpreter's shutdown; call it with every file written and
     the group closed. gloo's worker threads may still be dropping the last collectives' tensors, which takes the GIL,
     and an interpreter shutting down under them aborts the process now and then (SIGABRT, "terminate called without
