@@ -157,4 +157,3 @@ def test_the_greedy_arms_are_the_fine_arms_taking_the_cheapest(fidelity, tmp_pat
         assert greedy in fidelity.SNL_FROM and greedy in fidelity.SETTLED_STARTS and greedy in fidelity.ARMS
     summed = arms["continuous-direct-greedy-summed"]
     assert summed == {**arms["continuous-direct-greedy"], "bcd.estimate_from": "subset+finetune"}
-
