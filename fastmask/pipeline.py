@@ -27,6 +27,7 @@ from .masks import MaskSet
 from .nn import relu_count
 from .search import polynomial, snl
 from .search.bcd import BCDResult, run_bcd
+from .search.compute import image_passes, images_spent
 
 # The stages before the search, in order: Pipeline.run(stop_after=...) may end after either.
 STAGES_BEFORE_SEARCH = ("baseline", "snl")
@@ -187,9 +188,8 @@ class Pipeline:
         if method in ("snl", "both"):
             summary["snl_targets"] = self.snl_targets_stage(start_model, summary.get("targets"))
             # Each target's SNL run starts again from B_ref: its compute is per target, next to BCD's to that target.
-            summary["compute"]["snl_per_target"] = {
-                str(t["budget"]): {key: int(t[key]) for key in ("train_images", "forward_images")}
-                for t in summary["snl_targets"]}
+            summary["compute"]["snl_per_target"] = {str(t["budget"]): images_spent([t])
+                                                    for t in summary["snl_targets"]}
         summary["snl_points"] = ([reference] if reference else []) + summary.get("snl_targets", [])
         summary["seconds"] = time.perf_counter() - started
         if self.group is not None:  # the last word on what every process holds
@@ -338,7 +338,7 @@ class Pipeline:
             alpha_images = int(history["alpha_images"])
             bcd = next((t for t in bcd_targets or [] if t["budget"] == budget), None)
             if bcd is not None:
-                bcd_images = int(bcd["train_images"]) + int(bcd["forward_images"])
+                bcd_images = image_passes([bcd])
                 if alpha_images > bcd_images:
                     self.log(f"SNL to {budget}: its alpha phase alone trained on {alpha_images} images, more than "
                              f"BCD's {bcd_images}: no finetune, and SNL had more compute than BCD here")
@@ -402,7 +402,7 @@ def bcd_totals(history: list[dict]) -> dict:
             "tries_scored": sum(int(r["tries_scored"]) for r in history),
             "seconds_scoring": sum(r["seconds_scoring"] for r in history),
             "seconds_finetune": sum(r["seconds_finetune"] for r in history),
-            "compute": {key: sum(int(r.get(key, 0)) for r in history) for key in ("train_images", "forward_images")}}
+            "compute": images_spent(history)}
 
 
 def _all_present(model: nn.Module) -> bool:

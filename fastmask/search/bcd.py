@@ -31,6 +31,7 @@ from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
+from .compute import images_spent
 from .proposal import FinetuneCosts, channel_weights, propose, removal_and_restore_costs, to_restore
 from .racing import race
 from .scoring import score_current, score_hypotheses
@@ -417,8 +418,7 @@ class BCD:
 
     def compute(self) -> dict:
         """Images the search has pushed forward and trained on so far (every step of this run)."""
-        return {"forward_images": sum(int(r.get("forward_images", 0)) for r in self.history),
-                "train_images": sum(int(r.get("train_images", 0)) for r in self.history)}
+        return images_spent(self.history)
 
     def _save_target(self, target: int) -> None:
         directory = self.out_dir / "targets" / str(target)
