@@ -7,12 +7,12 @@ snl_targets/<budget>/. For each budget, both masks are put on the SAME weights, 
 (SNL@B_ref), and each is finetuned with the same recipe, teacher, seed and images (the run's finetune settings,
 `finetune.target_epochs` epochs unless --epochs says otherwise). What is left between the two rows is the masks'
 doing; what the run's own rows show beyond it is the training's. Test accuracy is reported, never used to choose.
---snl-run takes SNL's masks from another run that started from the same model (a fidelity arm whose SNL side is
-another arm's run, bench/fidelity.py's SNL_FROM).
+--snl-run takes SNL's masks from another run that started from the same model (a search whose SNL side is another
+run's).
 
-Beside them, per site: the ReLUs each mask keeps, and where each informed estimate (bcd.estimate: signed, absolute)
-would keep the same number, had it removed the cheapest ReLUs of the starting model in one go (on the run's scoring
-subset). Writes mask_transfer.md and .json into RUN_DIR (or --out).
+Beside them, per site: the ReLUs each mask keeps, and where the informed estimate would keep the same number, had it
+removed the cheapest ReLUs of the starting model in one go (on the run's scoring subset). Writes mask_transfer.md
+and .json into RUN_DIR (or --out).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastmask import checkpoint, data, report, train  # noqa: E402
-from fastmask.config import ESTIMATES, read_yaml, resolve  # noqa: E402
+from fastmask.config import read_yaml, resolve  # noqa: E402
 from fastmask.errors import FastmaskError  # noqa: E402
 from fastmask.masks import MaskSet  # noqa: E402
 from fastmask.pipeline import resolve_device, run_dataset  # noqa: E402
@@ -83,19 +83,16 @@ def starting_models(run: Path, config) -> tuple[Path, Optional[Path]]:
 
 
 def estimate_layouts(start: Path, dataset, config, budgets: list[int], device) -> dict:
-    """{estimate: {budget: [ReLUs kept per site]}}: the starting model's `budget` ReLUs of largest estimated cost."""
+    """{"estimate": {budget: [ReLUs kept per site]}}: the starting model's `budget` ReLUs of largest estimated
+    cost."""
     model = checkpoint.load_model(start, device=device)
     masks = MaskSet(model)
     images, labels = data.scoring_subset(dataset, config.bcd.score_subset, device, seed=config.seed)
-    layouts = {}
-    for estimate in ESTIMATES:
-        costs = removal_costs(model, images, labels, batch_size=config.bcd.score_batch_size,
-                              absolute=estimate == "absolute").abs()
-        present = torch.isfinite(costs).nonzero().squeeze(1)
-        ranked = present[torch.argsort(costs[present], descending=True, stable=True)]
-        layouts[estimate] = {budget: torch.bincount(masks.site_of(ranked[:budget]), minlength=len(masks.sites)).tolist()
-                             for budget in budgets}
-    return layouts
+    costs = removal_costs(model, images, labels, batch_size=config.bcd.score_batch_size)
+    present = torch.isfinite(costs).nonzero().squeeze(1)
+    ranked = present[torch.argsort(costs[present], descending=True, stable=True)]
+    return {"estimate": {budget: torch.bincount(masks.site_of(ranked[:budget]), minlength=len(masks.sites)).tolist()
+                         for budget in budgets}}
 
 
 def main(argv=None) -> dict:
@@ -120,8 +117,7 @@ def main(argv=None) -> dict:
     if epochs <= 0:
         raise FastmaskError("the run has no target finetune; give --epochs")
     layouts = estimate_layouts(start, dataset, config, budgets, device)
-    recipe = train.finetune_config(config.model.arch, epochs, lr=config.finetune.lr,
-                                   optimizer=config.finetune.optimizer)
+    recipe = train.finetune_recipe(config.finetune, config.model.arch, dataset.name, epochs)
     recipe.seed = config.seed  # the same shuffles, augmentations and teacher for both masks
     rows = []
     for budget in budgets:
@@ -162,10 +158,10 @@ def markdown(p: dict) -> str:
     for budget in sorted({r["budget"] for r in p["rows"]}, reverse=True):
         sites = {r["mask"]: r["per_site"] for r in p["rows"] if r["budget"] == budget}
         estimates = {e: p["estimate_layouts"][e][budget] for e in p["estimate_layouts"]}
-        lines += ["", f"ReLUs kept per site at {budget}: each mask, and the {budget} costliest by each estimate "
+        lines += ["", f"ReLUs kept per site at {budget}: each mask, and the {budget} costliest by the estimate "
                   "(on the starting model)", "",
                   "| site | ReLUs in the site | " + " | ".join(f"{m}'s mask" for m in sites) + " | " +
-                  " | ".join(f"{e} estimate" for e in estimates) + " |",
+                  " | ".join(f"the {e}" for e in estimates) + " |",
                   "| --- | ---: |" + " ---: |" * (len(sites) + len(estimates))]
         for i, site in enumerate(next(iter(sites.values()))):
             lines.append(f"| {site['site']} | {site['total']:,} | " +

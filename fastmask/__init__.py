@@ -1,13 +1,13 @@
 """fastmask: cut the ReLU count of a trained network for private inference (Block Coordinate Descent over masks)."""
 from __future__ import annotations
 
+__version__ = "0.1.0"  # before the imports below: modules read it while the package loads
+
 from . import models
 from .errors import FastmaskError
 from .masks import MaskSet
 from .nn import MaskedReLU, convert, masked_sites, relu_count
 from .ops.masked_act import masked_relu
-
-__version__ = "0.1.0"
 
 
 def backend() -> dict:

@@ -15,18 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from .errors import FastmaskError
+from .errors import FastmaskError, UnknownSettings
 
 CRITERIA = ("accuracy", "loss")
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("bcd", "snl", "both")
 REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
-ESTIMATES = ("signed", "absolute")
-ESTIMATE_SOURCES = ("subset", "subset+finetune")
-QUOTAS = ("none", "proportional")
-REMOVALS = ("hard", "fade")
-CONCENTRATIONS = ("none", "channels")
 SCORINGS = ("exact", "race")
 STEP_SCHEDULES = ("fresh", "continuous")
 
@@ -138,14 +133,8 @@ class BCDConfig:
     targets: Optional[list[int]] = setting(None, "ReLU budgets, strictly descending, e.g. 20000,15000 or 20k,15k",
                                            kind=budgets, check=descending_non_negative)
     drc: int = setting(100, "ReLUs removed per BCD step", kind=whole, check=positive)
-    # A fixed DRC removes a growing share of what is left as the count falls (300 of 6,000 is 5%, of 1,800 17%);
-    # a fraction keeps each step's share the same on every leg.
-    drc_fraction: float = setting(0.0, "remove about this fraction of the present ReLUs per step instead of DRC, in "
-                                       "equal ratios that land on each target (0: DRC ReLUs per step)",
-                                  kind=number, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     # 2, not the paper's 50: at equal compute the forwards a wide search spends buy more as training between
-    # removals (bench/FIDELITY.md, the gradual and continuous arms); --preset paper restores 50. 1 (unscored, its
-    # forwards spent on training) did about as well as 2 (continuous-unscored).
+    # removals (bench/FIDELITY.md); --preset paper restores 50.
     rt: int = setting(2, "candidates tried per step (the paper's: 50; 1: the one candidate is taken unscored, "
                          "there being nothing to choose between)", kind=whole, check=positive)
     adt: float = setting(0.3, "accuracy degradation tolerance, accuracy points (loss units for --criterion loss)",
@@ -157,67 +146,21 @@ class BCDConfig:
     proposal: str = setting("informed", "how candidates are drawn: uniform (the paper's), or informed: from the "
                                         "ReLUs whose first-order removal cost |dL/dy * (r(x) - relu(x))| is smallest",
                             choices=PROPOSALS)
-    # absolute: sum_n |e_n| of the per-image first-order effects e_n; signed: |sum_n e_n|, where effects of opposite
-    # sign cancel (bench/FIDELITY.md: absolute puts its cheapest ReLUs closer to where SNL removes them, and BCD's
-    # models came out more accurate).
-    estimate: str = setting("absolute", "informed: a ReLU's removal cost is the sum of the per-image sizes of its "
-                                        "first-order effect (absolute) or |their sum| (signed)", choices=ESTIMATES)
-    # SNL's alphas integrate their gradient over every batch of the alpha phase; the subset's estimate is one pass
-    # over 1-2K images. The finetune's backward already holds the same product for every ReLU and batch. Measured,
-    # it moved BCD's masks towards SNL's but not its accuracy, and the signed sum stayed worse than the absolute one
-    # (bench/FIDELITY.md, continuous-summed and continuous-summed-signed).
-    estimate_from: str = setting("subset", "informed: the images the estimate sums over: subset (one forward and "
-                                           "backward over the scoring subset after each finetune), or "
-                                           "subset+finetune (plus every batch of the finetunes since the last "
-                                           "estimate, at no extra pass)", choices=ESTIMATE_SOURCES)
     pool: float = setting(4.0, "informed: candidates are drawn from the pool*DRC cheapest ReLUs", kind=number,
                           check=lambda v: None if v >= 1 else "must be >= 1")
     # 0.5 makes the cheapest pool member e^2 (about 7x) likelier to be drawn first than the dearest one: candidates
     # lean cheap but still explore the whole pool.
     temperature: float = setting(0.5, "informed: sampling temperature inside the pool, in units of its cost "
                                       "spread (inf: uniform in the pool)", kind=number, check=positive)
-    # A quota keeps each site's share of the start and lets the estimate choose within the site. Measured, it
-    # moved BCD's mask away from SNL's, which empties the early stages faster than the late ones, and did not help
-    # (bench/FIDELITY.md, continuous-quota).
-    quota: str = setting("none", "none (candidates drawn over all sites) or proportional (each site gives a share of "
-                                 "every step's removals in proportion to its present ReLUs; informed candidates are "
-                                 "the site's cheapest, uniform ones a uniform draw in the site)", choices=QUOTAS)
-    # SNL's masks keep their ReLUs in 10-15% fewer channels than BCD's at the same budget: BCD leaves a few ReLUs
-    # scattered in channels that are otherwise linear. Measured, the weights overshoot SNL's concentration and did
-    # not move accuracy beyond noise (bench/FIDELITY.md, continuous-channels).
-    concentrate: str = setting("none", "informed, absolute estimate: none, or channels (a ReLU's estimated cost is "
-                                       "scaled by how many ReLUs its channel still has, relative to the mean of its "
-                                       "site's channels in use, so ReLUs left scattered in nearly linear channels "
-                                       "go first)", choices=CONCENTRATIONS)
-    # SNL's alphas can grow back while its weights train; a BCD removal is final. A restore swaps: the step puts back
-    # the absent ReLUs whose signed first-order estimate (from the same pass) says the loss falls most, and removes
-    # as many more, so the net step stays DRC. Measured (a third of DRC), it changed a fifth of the kept ReLUs and
-    # not the accuracy (bench/FIDELITY.md, continuous-restore).
-    restore: float = setting(0.0, "informed: each step also puts back up to this share of its net removals (DRC, "
-                                  "or what is left to the target), the absent ReLUs estimated to lower the loss "
-                                  "most, and removes as many more",
-                             kind=number, check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
-    # SNL's alphas fall gradually while the weights train; a hard removal of a whole DRC at once is a step the
-    # finetune then repairs. Fading did not help at the small scale (bench/FIDELITY.md, continuous-fade).
-    removal: str = setting("hard", "hard: the chosen ReLUs are removed before the step's finetune (the paper's); "
-                                   "fade: they fade from ReLU to their replacement over it (alpha from 1 to 0, one "
-                                   "step of the finetune at a time) and are removed at its end", choices=REMOVALS)
     scoring: str = setting("race", "exact: the paper's rule (first candidate under ADT, all images); race: "
                                    "successive halving on growing slices, survivors scored on every image",
                            choices=SCORINGS)
     race_eta: int = setting(2, "race: keep 1/eta of the candidates per round, eta times the images",
                             kind=whole, check=lambda v: None if v >= 2 else "must be >= 2")
 
-    def check_combinations(self) -> None:
-        """Settings that do not go together (no model needed)."""
-        if self.concentrate != "none" and self.proposal == "informed" and self.estimate != "absolute":
-            raise FastmaskError("--concentrate channels scales the absolute estimate (a signed cost can be negative, "
-                                "and scaling it down would make it dearer): use --estimate absolute")
-
     def validate(self, start_count: int) -> None:
         """The checks that need the model: targets given and below the count BCD starts from."""
         check(self)
-        self.check_combinations()
         if not self.targets:
             raise FastmaskError("BCD needs at least one target ReLU budget: --targets is required (e.g. --targets "
                                 "20000,15000)")
@@ -285,10 +228,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Algorithm 2 as the paper runs it on CIFAR (TinyImageNet: 5 finetune epochs per step, see FinetuneConfig). Its
     # values are pinned here on purpose, even where today's defaults agree: the preset must not move with them.
     "paper": {"model.arch": "resnet18", "baseline.epochs": 200, "snl.epochs": 2000, "snl.lr": 1e-3,
-              "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100, "bcd.drc_fraction": 0.0,
+              "snl.lambda0": 1e-5, "snl.finetune_epochs": 100, "bcd.drc": 100,
               "bcd.rt": 50, "bcd.adt": 0.3, "bcd.criterion": "accuracy", "bcd.score_subset": 0,
-              "bcd.proposal": "uniform", "bcd.estimate_from": "subset", "bcd.concentrate": "none",
-              "bcd.restore": 0.0, "bcd.quota": "none", "bcd.removal": "hard", "bcd.scoring": "exact",
+              "bcd.proposal": "uniform", "bcd.scoring": "exact",
               "replacement": "identity", "method": "bcd",
               "finetune.target_epochs": 0, "finetune.step_schedule": "fresh", "finetune.optimizer": None,
               "finetune.lr": None, "finetune.epochs": None},
@@ -389,8 +331,8 @@ def flatten_yaml(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         else:
             unknown.append(key)
     if unknown:
-        raise FastmaskError(f"{source} has unknown settings {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(BY_DEST))}")
+        raise UnknownSettings(f"{source} has unknown settings {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(BY_DEST))}", sorted(unknown))
     return flat
 
 
@@ -435,7 +377,6 @@ def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any] = {}, prese
 def validate(config: RunConfig) -> RunConfig:
     """Checks across settings that need no model (the model-dependent ones: BCDConfig.validate)."""
     check(config)
-    config.bcd.check_combinations()
     targets, ref = config.bcd.targets, config.snl.ref_budget
     if targets and ref is not None and targets[0] >= ref:
         raise FastmaskError(f"target {targets[0]} is at or above the reference budget {ref}; give targets below "
@@ -465,6 +406,18 @@ def dump(config: RunConfig) -> str:
         indent = "  " if head else ""
         lines.append(f"{indent}{name}: {scalar(get(config, s.path))}  # {s.help}")
     return "\n".join(lines) + "\n"
+
+
+def describe(section: Any) -> str:
+    """One section's settings as the flags that set them, e.g. "--drc 200 --rt 2 ..." (for a run's log)."""
+    return " ".join(f"--{s.flag} {_flag_text(getattr(section, s.field.name))}" for s in SETTINGS.values()
+                    if s.owner is type(section))
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def comparable(config: RunConfig) -> dict:

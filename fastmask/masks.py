@@ -106,15 +106,6 @@ class MaskSet:
         mask[flat.cpu()] = False
         self.set_flat(mask)
 
-    def reinstate(self, flat: torch.Tensor) -> None:
-        """Puts ReLUs back at these flat indices (they must be absent)."""
-        mask = self.flat()
-        flat = flat.cpu()
-        if bool(mask[flat].any()):
-            raise FastmaskError("reinstate: every ReLU to put back must be absent")
-        mask[flat] = True
-        self.set_flat(mask)
-
     def candidate_masks(self, candidates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """For K candidates (flat indices to remove), per-site [K, *shape] bool masks: the current mask minus each."""
         k = len(candidates)
@@ -164,44 +155,6 @@ class MaskSet:
         finally:
             for site in self.sites:
                 site.detach_alpha()
-
-    @contextmanager
-    def fading(self, flat: torch.Tensor, steps: int) -> Iterator[None]:
-        """Inside the block the present ReLUs at these flat indices fade to their replacement over `steps`
-        training-mode forwards of the model: the t-th sees alpha * relu(x) + (1 - alpha) * r(x) at alpha = 1 - t /
-        steps (SNL's soft mask on a fixed schedule, not learned), so the last sees r alone, and any later the same.
-        Eval-mode forwards see the current alpha and do not advance it. The masks are unchanged: remove the ReLUs
-        after the block. Their sites carry the schedule (MaskedReLU.fade) only inside it."""
-        if steps < 1:
-            raise FastmaskError(f"fading needs at least one step, got {steps}")
-        if self.carries_alphas() or any(site.fade is not None for site in self.sites):
-            raise FastmaskError("the sites already carry alphas or a fade; leave the enclosing block first")
-        flat = flat.cpu()
-        if not bool(self.flat()[flat].all()):
-            raise FastmaskError("fading: every ReLU to fade must be present")
-        fading = []
-        for site, start, end in zip(self.sites, self.offsets[:-1], self.offsets[1:]):
-            local = flat[(flat >= start) & (flat < end)] - start
-            if local.numel():
-                site.fade = site.mask.detach().float().clone()
-                fading.append((site, local.to(site.mask.device)))
-        done = 0
-
-        def advance(module: nn.Module, args) -> None:
-            nonlocal done
-            if not module.training:
-                return
-            done = min(done + 1, steps)
-            for site, local in fading:
-                site.fade.view(-1)[local] = 1.0 - done / steps
-
-        handle = self.model.register_forward_pre_hook(advance)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for site, _ in fading:
-                site.fade = None
 
     def carries_alphas(self) -> bool:
         """Whether any site has an SNL alpha attached (its soft mask then overrides the binary one)."""

@@ -18,11 +18,10 @@ class MaskedReLU(nn.Module):
     """ReLU kept where `mask` is 1, replaced where it is 0 (identity, or a learnable per-channel polynomial).
 
     mask is a bool buffer shaped like one image's activation ([C, H, W] or [D]), so it is saved with the model.
-    Three transient states are used by the search code and never saved; MaskSet.hypotheses(), MaskSet.alphas() and
-    MaskSet.fading() set them for the length of a `with` block:
+    Two transient states are used by the search code and never saved; MaskSet.hypotheses() and MaskSet.alphas() set
+    them for the length of a `with` block:
     - `hypotheses` ([K, *shape]): K candidate masks scored in one pass; the batch is K stacked copies of the images.
     - `alpha` ([*shape] float Parameter): SNL's soft mask, alpha * relu(x) + (1 - alpha) * x.
-    - `fade` ([*shape] float tensor, not learned): the same soft mask on a fixed schedule (BCD's --removal fade).
     """
 
     def __init__(self, shape: Sequence[int], polynomial: bool = False, normalized_input: bool = True):
@@ -39,7 +38,6 @@ class MaskedReLU(nn.Module):
             self.coeffs = None
         self.hypotheses: Optional[torch.Tensor] = None
         self.alpha: Optional[nn.Parameter] = None
-        self.fade: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -67,8 +65,6 @@ class MaskedReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.alpha is not None:
             return reference.soft_masked_act(x, self.alpha, self.coeffs)
-        if self.fade is not None:
-            return reference.soft_masked_act(x, self.fade, self.coeffs)
         return masked_relu(x, self.active_mask(), self.coeffs)
 
     def extra_repr(self) -> str:

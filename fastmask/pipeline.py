@@ -19,10 +19,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, distributed, models, report, train
+from . import __version__, checkpoint, data, distributed, models, report, train
 from . import config as settings
 from .config import RunConfig
-from .errors import FastmaskError
+from .errors import FastmaskError, UnknownSettings
 from .masks import MaskSet
 from .nn import relu_count
 from .search import polynomial, snl
@@ -128,6 +128,10 @@ class Pipeline:
             raise FastmaskError(f"out {self.out} is a file; choose a folder")
         try:
             saved = settings.load_saved(self.out / "config.yaml")
+        except UnknownSettings as err:
+            raise FastmaskError(f"out dir {self.out} holds a run of another fastmask version (its config.yaml sets "
+                                f"{', '.join(err.names)}, which fastmask {__version__} does not have); choose "
+                                "another --out") from None
         except FastmaskError:
             raise FastmaskError(f"out dir {self.out} holds a config.yaml that is not a fastmask run; choose another "
                                 "--out") from None
@@ -214,10 +218,7 @@ class Pipeline:
                 "test_loss": test[1]}
 
     def finetune_config(self, epochs: Optional[int] = None) -> train.TrainConfig:
-        f = self.config.finetune
-        return train.finetune_config(self.config.model.arch,
-                                     f.epochs_for(self.config.data.dataset) if epochs is None else epochs,
-                                     lr=f.lr, optimizer=f.optimizer)
+        return train.finetune_recipe(self.config.finetune, self.config.model.arch, self.dataset.name, epochs)
 
     def _load_stage(self, path: Path) -> Optional[dict]:
         """A stage's saved result when resuming (its model becomes self.model), else None."""
@@ -359,35 +360,14 @@ class Pipeline:
         return rows
 
     def bcd_stage(self) -> BCDResult:
-        b = self.config.bcd
-        finetune = self.finetune_config()
-
         def on_step(record: dict, driver) -> None:  # the step table stays current while the run goes (rank 0)
             report.write_steps_csv(self.out / "steps.csv", driver.history)
 
-        self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs to "
-                 f"{', '.join(map(str, b.targets))}; "
-                 + (f"{b.drc_fraction:g} of the ReLUs per step" if b.drc_fraction else f"DRC {b.drc}")
-                 + (" shared out over the sites in proportion" if b.quota == "proportional" else "")
-                 + (", fading over each step's finetune" if b.removal == "fade" else "")
-                 + (", the estimate summed over the finetunes too" if b.estimate_from == "subset+finetune"
-                    and b.proposal == "informed" else "")
-                 + (", ReLUs scattered in sparse channels first" if b.concentrate == "channels"
-                    and b.proposal == "informed" else "")
-                 + (f", putting back up to {b.restore:g} of each step's removals" if b.restore > 0
-                    and b.proposal == "informed" else "")
-                 + f", RT {b.rt}, ADT {b.adt} ({b.criterion}), "
-                 f"{finetune.epochs} finetune epochs per step"
-                 + (" (one optimizer carried through the steps)" if self.config.finetune.step_schedule == "continuous"
-                    else "")
-                 + (f", {self.config.finetune.target_epochs} at each target" if self.config.finetune.target_epochs
-                    else ""))
-        return run_bcd(self.model, self.dataset, b, self.device, self.out, seed=self.config.seed,
-                       finetune_config=finetune, finetune_max_steps=self.config.finetune.max_steps,
-                       target_finetune_epochs=self.config.finetune.target_epochs,
-                       step_schedule=self.config.finetune.step_schedule, teacher=self.teacher, resume=self.resume,
-                       on_step=on_step, progress=self.progress,
-                       log=self.log, group=self.group)
+        self.log(f"BCD: {self.config.model.arch} from {relu_count(self.model)} ReLUs; "
+                 f"{settings.describe(self.config.bcd)}; {settings.describe(self.config.finetune)}")
+        return run_bcd(self.model, self.dataset, self.config.bcd, self.device, self.out, seed=self.config.seed,
+                       finetune=self.config.finetune, teacher=self.teacher, resume=self.resume, on_step=on_step,
+                       progress=self.progress, log=self.log, group=self.group)
 
     def save_with_masks(self, model: nn.Module, path: Path, extra: dict) -> None:
         """A stage's model (with its measurements) and, beside it, its masks alone (masks.safetensors + .json);

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import cpu_memory
+from .config import FinetuneConfig
 from .data import Dataset, iterate_batches, steps_per_epoch
 from .distributed import Group, is_main, share
 from .errors import FastmaskError
@@ -86,6 +87,14 @@ def finetune_config(arch: str, epochs: int, lr: Optional[float] = None, optimize
     if optimizer not in OPTIMIZERS:
         raise FastmaskError(f"unknown optimizer {optimizer!r}; use sgd or adam")
     return TrainConfig(epochs=epochs, optimizer=optimizer, lr=lr if lr is not None else FINETUNE_LR[optimizer])
+
+
+def finetune_recipe(finetune: FinetuneConfig, arch: str, dataset_name: str, epochs: Optional[int] = None
+                    ) -> TrainConfig:
+    """A run's finetune (its finetune settings on this arch and dataset; `epochs` overrides theirs): the one place
+    BCD's steps, SNL's finetunes and the pipeline get it from."""
+    return finetune_config(arch, finetune.epochs_for(dataset_name) if epochs is None else epochs, lr=finetune.lr,
+                           optimizer=finetune.optimizer)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ def fails(argv, capsys, other_run, expected: str) -> None:
     (["--targets", "3500"], "at or above the reference budget"),
     (["--drc", "0"], "drc must be > 0"),
     (["--rt", "-2"], "rt must be > 0"),
-    (["--drc-fraction", "1"], "drc-fraction must be in [0, 1)"),
     (["--finetune-epochs", "0"], "finetune-epochs must be > 0"),
     (["--adt", "-0.5"], "adt must be >= 0"),
     (["--targets", "1000,2000"], "strictly descending"),
@@ -66,14 +65,22 @@ def fails(argv, capsys, other_run, expected: str) -> None:
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/fastmask-data", "--targets", "10"], "does not exist"),
     (["--checkpoint", "/nonexistent/model.safetensors"], "does not exist"),
     (["--criterion", "f1"], "invalid choice"),
-    (["--quota", "even"], "invalid choice"),
-    (["--estimate-from", "test"], "invalid choice"),
-    (["--concentrate", "channels", "--estimate", "signed", "--targets", "10"], "use --estimate absolute"),
-    (["--restore", "1.5", "--targets", "10"], "restore must be in [0, 1]"),
     ([], "holds a different run"),
+    (["--restore", "0.5"], "unrecognized arguments: --restore"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(argv, expected, capsys, other_run):
     fails(["--width", "4"] + argv, capsys, other_run, expected)
+
+
+def test_a_run_of_an_older_version_is_named_as_such(tmp_path, capsys, other_run):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({"bcd": {"targets": [1000], "restore": 0.0, "quota": "none"}}))
+    before = snapshot(old)
+    assert cli.main(["--out", str(old), "--resume"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another fastmask version" in err and "bcd.quota, bcd.restore" in err, err
+    assert snapshot(old) == before
 
 
 def test_checkpoint_of_another_arch_or_class_count_or_corrupt(tmp_path, capsys, other_run):
@@ -103,14 +110,12 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "width": "16", "checkpoint": "m.safetensors", "teacher": "t.safetensors", "baseline-epochs": "7",
           "ref-budget": "9000", "snl-epochs": "11", "snl-lr": "0.002", "snl-lambda0": "0.0003",
           "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",
-          "targets": "8k,5000", "drc": "17", "drc-fraction": "0.15", "rt": "19", "adt": "0.7", "criterion": "loss",
+          "targets": "8k,5000", "drc": "17", "rt": "19", "adt": "0.7", "criterion": "loss",
           "score-subset": "333",
           "score-batch-size": "64", "finetune-epochs": "6", "finetune-optimizer": "sgd", "finetune-lr": "0.0002",
           "finetune-max-steps": "9", "finetune-step-schedule": "fresh",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
-          "proposal": "uniform", "estimate": "signed", "estimate-from": "subset+finetune", "pool": "2.5",
-          "concentrate": "channels", "restore": "0.4",
-          "quota": "proportional", "removal": "fade", "temperature": "0.25", "scoring": "exact",
+          "proposal": "uniform", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
           "race-eta": "3",
           "method": "both", "replacement": "polynomial"}
 
@@ -143,11 +148,6 @@ def test_paper_preset_is_algorithm_2():
     config, _, _ = cli.parse(["--preset", "paper", "--dataset", "cifar10", "--targets", "15000"])
     assert (config.bcd.drc, config.bcd.rt, config.bcd.adt, config.bcd.criterion, config.bcd.score_subset) == \
         (100, 50, 0.3, "accuracy", 0)
-    assert config.bcd.drc_fraction == 0  # DRC ReLUs per step, not a share
-    assert config.bcd.quota == "none"  # candidates drawn over all sites
-    assert config.bcd.removal == "hard"  # removed before the step's finetune
-    assert config.bcd.estimate_from == "subset" and config.bcd.concentrate == "none"
-    assert config.bcd.restore == 0  # removals are final
     assert (config.bcd.proposal, config.bcd.scoring, config.replacement, config.method) == \
         ("uniform", "exact", "identity", "bcd")
     assert config.finetune.epochs_for("cifar10") == 20 and config.finetune.epochs_for("tinyimagenet") == 5
@@ -164,12 +164,22 @@ def test_the_default_search_is_the_one_measured_best():
     """bench/FIDELITY.md's continuous arm, where its settings do not depend on the scale."""
     config, _, _ = cli.parse(["--dataset", "cifar10", "--targets", "15000"])
     b, f = config.bcd, config.finetune
-    assert (b.proposal, b.estimate, b.estimate_from, b.concentrate, b.quota, b.removal, b.scoring, b.rt, b.adt) == \
-        ("informed", "absolute", "subset", "none", "none", "hard", "race", 2, 0.3)
-    assert b.restore == 0
+    assert (b.proposal, b.scoring, b.rt, b.adt, b.pool, b.temperature) == ("informed", "race", 2, 0.3, 4.0, 0.5)
     assert (f.optimizer, f.lr, f.step_schedule, f.target_epochs) == ("adam", 1e-3, "continuous", 10)
-    assert (b.drc, b.drc_fraction, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == \
-        (100, 0, 0, 20, 100)
+    assert (b.drc, b.score_subset, f.epochs_for("cifar10"), config.snl.finetune_epochs) == (100, 0, 20, 100)
+
+
+# Options that measured nothing and left the product (bench/FIDELITY.md records each, with its commit).
+REMOVED = ("drc-fraction", "removal", "quota", "estimate-from", "concentrate", "restore", "estimate")
+
+
+def test_the_removed_options_are_nowhere():
+    help_text = cli.build_parser().format_help()
+    dumped = settings.dump(settings.resolve({}))
+    for flag in REMOVED:
+        assert f"--{flag} " not in help_text and f"--{flag}\n" not in help_text, flag
+        assert f"  {flag.replace('-', '_')}:" not in dumped and f"\n{flag.replace('-', '_')}:" not in dumped, flag
+    assert "signed" not in help_text
 
 
 def test_warnings_are_one_line_and_the_printer_is_restored(capsys):
@@ -202,7 +212,6 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     rows = list(csv.DictReader((out / "steps.csv").open()))
     assert [int(r["budget_after"]) for r in rows] == [2600, 2200]
     assert all(r["ref_acc"] and r["tries_scored"] and r["val_acc"] and r["seconds"] for r in rows)
-    assert all(r["restored"] == "0" for r in rows)  # removals are final by default
     summary = json.loads((out / "summary.json").read_text())
     assert [t["budget"] for t in summary["targets"]] == [2600, 2200]
     assert all(0 <= t["test_acc"] <= 100 and 0 <= t["val_acc"] <= 100 for t in summary["targets"])

@@ -40,9 +40,9 @@ def test_rows_for_every_budget_both_methods_reached(both_run, tmp_path):
     assert json.loads((tmp_path / "mask_transfer.json").read_text())["rows"][0]["mask"] == "BCD"
     text = (tmp_path / "mask_transfer.md").read_text()
     assert "| 2200 | SNL |" in text and "ReLUs kept per site at 2200" in text
-    for estimate, layouts in payload["estimate_layouts"].items():
-        assert [sum(layouts[b]) for b in (2600, 2200)] == [2600, 2200], estimate
-    assert payload["estimate_layouts"]["signed"] != payload["estimate_layouts"]["absolute"]
+    layouts = payload["estimate_layouts"]["estimate"]
+    assert [sum(layouts[b]) for b in (2600, 2200)] == [2600, 2200]
+    assert layouts[2600] != layouts[2200]
 
 
 def test_equal_masks_give_equal_rows(both_run, tmp_path):

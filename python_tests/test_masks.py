@@ -1,5 +1,4 @@
-"""MaskSet: flat indexing, sampling, candidates, alphas, fading and files."""
-import copy
+"""MaskSet: flat indexing, sampling, candidates, alphas and files."""
 import json
 
 import pytest
@@ -55,19 +54,6 @@ def test_remove_and_counts(model):
     ms.remove(idx)
     assert ms.count() == before - 37
     assert sum(s["kept"] for s in ms.per_site()) == ms.count()
-
-
-def test_reinstate_puts_back_exactly_the_removed(model):
-    ms = fm.MaskSet(model)
-    before = ms.flat()
-    idx = ms.sample(37, torch.Generator().manual_seed(1))
-    ms.remove(idx)
-    ms.reinstate(idx[:10])
-    assert ms.count() == before.sum() - 27
-    assert torch.equal(before & ~ms.flat(), torch.zeros_like(before).index_fill_(0, idx[10:], True))
-    with pytest.raises(FastmaskError, match="must be absent"):
-        ms.reinstate(idx[9:11])  # idx[9] is back already
-    assert ms.count() == before.sum() - 27  # nothing changed
 
 
 def test_candidate_masks_and_first_site(model):
@@ -176,67 +162,3 @@ def test_alphas_are_one_where_present_zero_and_frozen_where_absent(model):
     assert not any("alpha" in name for name in model.state_dict())
 
 
-@pytest.mark.parametrize("polynomial", [False, True])
-def test_fading_goes_from_relu_to_the_replacement_one_training_forward_at_a_time(polynomial):
-    torch.manual_seed(0)
-    model = fm.models.create("resnet18", 10, 8, width=4, polynomial=polynomial)
-    if polynomial:  # coefficients that are not the identity, so the replacement is its own function
-        for site in fm.MaskSet(model).sites:
-            if site.coeffs is not None:
-                site.coeffs.data = torch.tensor([[0.1, 0.5, 0.2]]).repeat(site.coeffs.shape[0], 1)
-    ms = fm.MaskSet(model)
-    ms.remove(ms.sample(200, torch.Generator().manual_seed(1)))
-    chosen = ms.sample(60, torch.Generator().manual_seed(2))
-    x = torch.randn(3, 3, 8, 8)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        gone = fm.MaskSet(copy.deepcopy(model))
-        gone.remove(chosen)
-        after = gone.model(x)
-    steps = 4
-    with ms.fading(chosen, steps):
-        assert any(site.fade is not None for site in ms.sites) and ms.count() == ms.total() - 200  # masks as they were
-        with torch.no_grad():
-            assert torch.allclose(model(x), before, atol=1e-5)  # no training forward yet: still the ReLUs
-            for t in range(1, steps + 2):
-                model.train()
-                for module in model.modules():  # a training forward that leaves BatchNorm's statistics alone
-                    if isinstance(module, torch.nn.BatchNorm2d):
-                        module.eval()
-                model(x)
-                model.eval()
-                alpha = torch.cat([site.fade.reshape(-1) if site.fade is not None else site.mask.float().reshape(-1)
-                                   for site in ms.sites])
-                expected = max(0.0, 1.0 - t / steps)
-                assert torch.allclose(alpha[chosen], torch.full((60,), expected))
-                assert torch.equal(alpha[~ms.flat()], torch.zeros(int((~ms.flat()).sum())))
-                model(x)  # eval forwards do not advance it
-            assert torch.allclose(model(x), after, atol=1e-5)  # faded all the way: the ReLUs removed
-    assert all(site.fade is None for site in ms.sites)
-    ms.remove(chosen)
-    with torch.no_grad():
-        assert torch.allclose(model(x), after, atol=1e-5)
-
-
-def test_fading_is_checked(model):
-    ms = fm.MaskSet(model)
-    ms.remove(torch.tensor([5]))
-    with pytest.raises(FastmaskError, match="present"):
-        with ms.fading(torch.tensor([5, 6]), 3):
-            pass
-    with pytest.raises(FastmaskError, match="at least one step"):
-        with ms.fading(torch.tensor([6]), 0):
-            pass
-    with ms.alphas():
-        with pytest.raises(FastmaskError, match="already carry alphas"):
-            with ms.fading(torch.tensor([6]), 3):
-                pass
-    with ms.fading(torch.tensor([6]), 3):
-        with pytest.raises(FastmaskError, match="or a fade"):
-            with ms.fading(torch.tensor([7]), 3):
-                pass
-    with pytest.raises(RuntimeError, match="boom"):
-        with ms.fading(torch.tensor([6]), 3):
-            raise RuntimeError("boom")
-    assert all(site.fade is None for site in ms.sites)

@@ -114,7 +114,7 @@ def test_max_steps_honored_and_cosine_reaches_zero(small):
     history = training.train(model, small, config, "cpu", loss_hook=count, max_steps=3, progress=False)
     assert calls["n"] == 3 and history[-1]["steps"] == 3 and len(history) == 2
     assert history[-1]["lr"] == pytest.approx(0.0)  # the schedule spans the steps actually run
-    assert training.optimizer_steps(len(small.train_y), config, 3) == 3  # what BCD's fade is spread over
+    assert training.optimizer_steps(len(small.train_y), config, 3) == 3
     two_epochs = dataclasses.replace(config, epochs=2)  # 2 x 2 batches: fewer than max_steps 10,000, more than 3
     history = training.train(tiny_model(small), small, two_epochs, "cpu", progress=False)
     assert history[-1]["steps"] == training.optimizer_steps(len(small.train_y), two_epochs) == 4

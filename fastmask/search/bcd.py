@@ -11,7 +11,6 @@ No pickle is written or read.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -25,28 +24,27 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .. import __version__
 from ..checkpoint import SPEC_KEY, model_spec, save_model
-from ..config import STEP_SCHEDULES, BCDConfig, FinetuneConfig
+from ..config import BCDConfig, FinetuneConfig
 from ..distributed import Group, is_main, masks_digest, share
 from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
 from .compute import images_spent
-from .proposal import FinetuneCosts, channel_weights, propose, removal_and_restore_costs, to_restore
+from .proposal import propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
 
 if TYPE_CHECKING:
     from .. import train
 
-# 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint; 3: the target finetune
-STATE_VERSION = 3
+# 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint; 3: the target
+# finetune; 4: the fingerprint is every BCD setting (the options that measured nothing are gone)
+STATE_VERSION = 4
 STATE_FILE = Path("checkpoints") / "last.pt"
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
-# The state file's tensor holding the estimate summed over the finetunes since the last proposal (estimate_from
-# subset+finetune).
-FINETUNE_COSTS_KEY = "estimate.finetune_costs"
 
 
 def accuracy_standard_error(accuracy_percent: float, images: int) -> float:
@@ -67,33 +65,21 @@ def choose(scores, reference: tuple[float, float], criterion: str) -> tuple[int,
     return min(scored, key=lambda i: (float(drops[i]), float(scores.loss[i]), i)), True
 
 
-def plan_removal(count: int, targets: Sequence[int], drc: int, fraction: float = 0.0) -> tuple[int, int]:
-    """(next target, ReLUs to remove this step): DRC, or exactly what is left so the count lands on the target.
-    With a fraction, the leg to the next target is cut into the fewest steps of at most that share of the count,
-    all in the same ratio: each step removes count * (1 - (target / count) ** (1 / steps))."""
+def plan_removal(count: int, targets: Sequence[int], drc: int) -> tuple[int, int]:
+    """(next target, ReLUs to remove this step): DRC, or exactly what is left so the count lands on the target."""
     target = next(t for t in targets if t < count)
-    if fraction <= 0:
-        return target, min(int(drc), count - int(target))
-    if target == 0:  # no ratio reaches 0: steps of the fraction, then what is left
-        return target, max(1, min(round(fraction * count), count))
-    # the tolerance keeps a leg of exactly k steps' ratio at k, not k + 1, through float rounding
-    steps = max(1, math.ceil(math.log(count / target) / -math.log1p(-fraction) - 1e-9))
-    remove = round(count * -math.expm1(math.log(target / count) / steps))
-    return target, max(1, min(remove, count - int(target)))
+    return target, min(int(drc), count - int(target))
 
 
 # ---- the state file ----------------------------------------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: dict,
-               optimizer: Optional[dict[str, torch.Tensor]] = None,
-               finetune_costs: Optional[torch.Tensor] = None) -> None:
+               optimizer: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Writes atomically: a kill leaves either the previous state or this one. optimizer: a carried finetune
-    optimizer's state tensors; finetune_costs: the estimate summed over the finetunes since the last proposal."""
+    optimizer's state tensors."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"optimizer.{k}": v.contiguous() for k, v in (optimizer or {}).items()})
-    if finetune_costs is not None:
-        tensors[FINETUNE_COSTS_KEY] = finetune_costs.detach().cpu().contiguous()
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {SPEC_KEY: json.dumps(model_spec(model)), "bcd_state": json.dumps(state)}
@@ -104,8 +90,7 @@ def save_state(path: Path, model: nn.Module, generator: torch.Generator, state: 
 def load_state(path: Path, model: nn.Module, generator: torch.Generator,
                optimizer: Optional["train.CarriedOptimizer"] = None) -> dict:
     """Loads weights, masks and RNG states into model/generator/torch (and a carried finetune optimizer's state into
-    `optimizer`); returns the JSON state, with the finetune's summed estimate (a tensor) under FINETUNE_COSTS_KEY
-    when the state holds one."""
+    `optimizer`); returns the JSON state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -117,8 +102,9 @@ def load_state(path: Path, model: nn.Module, generator: torch.Generator,
         raise FastmaskError(f"BCD state {path} is corrupt or was not written by fastmask ({err}); "
                             "delete it to restart BCD") from err
     if state.get("version") != STATE_VERSION:
-        raise FastmaskError(f"BCD state {path} has version {state.get('version')}, this fastmask writes "
-                            f"{STATE_VERSION}; delete it to restart BCD")
+        raise FastmaskError(f"BCD state {path} is version {state.get('version')}, written by another fastmask; "
+                            f"fastmask {__version__} reads version {STATE_VERSION}: start a new --out, or delete "
+                            "it to restart BCD")
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     device = next(iter(model.state_dict().values())).device
     try:
@@ -130,8 +116,6 @@ def load_state(path: Path, model: nn.Module, generator: torch.Generator,
     if optimizer is not None:
         optimizer.load_state_tensors({k[len("optimizer."):]: v for k, v in tensors.items()
                                       if k.startswith("optimizer.")})
-    if FINETUNE_COSTS_KEY in tensors:
-        state[FINETUNE_COSTS_KEY] = tensors[FINETUNE_COSTS_KEY]
     return state
 
 
@@ -144,6 +128,28 @@ class BCDResult:
     seconds: float = 0.0
 
 
+@dataclass
+class Measured:
+    """What a step knows before it chooses: its candidates, the images their estimate trained through, and the
+    current model's reference score on the scoring subset."""
+    candidates: list[torch.Tensor]
+    estimate_images: int
+    reference: tuple[float, float]
+    standard_error: float
+
+
+@dataclass
+class Choice:
+    """The candidate a step takes: its index, whether it is the fallback (none within ADT), its accuracy and loss on
+    the scoring subset (NaN when taken unscored), how many candidates were scored and the image-forwards spent."""
+    index: int
+    fallback: bool
+    accuracy: float
+    loss: float
+    scored: int
+    forward_images: int
+
+
 class BCD:
     """The driver. Training and evaluation come in as callables, so the loop itself knows nothing of datasets:
 
@@ -153,8 +159,6 @@ class BCD:
     on_step(record, driver), called after a step's state is written (progress, reports; raising stops the run).
     carried: the optimizer `finetune` carries from step to step (finetune.step_schedule continuous), whose state is
     written with the BCD state and restored on resume.
-    finetune_steps: the optimizer steps of one `finetune` call; bcd.removal "fade" spreads the chosen ReLUs' fade
-    over them (MaskSet.fading) and needs it.
 
     With a `group` (torchrun), every process runs the loop: the cost estimates are summed over the processes' shares
     of the scoring subset, rank 0's candidates and choice are broadcast, scoring is shared out, and after every step
@@ -167,12 +171,8 @@ class BCD:
                  target_finetune: Optional[Callable[[nn.Module, int], dict]] = None,
                  on_step: Optional[Callable[[dict, "BCD"], None]] = None,
                  log: Callable[[str], None] = print, group: Optional[Group] = None,
-                 carried: Optional["train.CarriedOptimizer"] = None, finetune_steps: Optional[int] = None):
-        if config.removal == "fade" and not finetune_steps:
-            raise FastmaskError("bcd.removal fade spreads a removal over the step's finetune: BCD needs its "
-                                "finetune_steps")
+                 carried: Optional["train.CarriedOptimizer"] = None):
         self.model = model
-        self.finetune_steps = finetune_steps
         self.carried = carried
         self.config = config
         self.images = images
@@ -190,8 +190,6 @@ class BCD:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.state_path = self.out_dir / STATE_FILE
         self.history: list[dict] = []
-        # estimate_from subset+finetune: the finetunes' summed estimate since the last proposal (None: none yet)
-        self.finetune_costs: Optional[torch.Tensor] = None
         self.targets_done: list[dict] = []
         self.warned: list[str] = []
         self.done = False
@@ -201,15 +199,9 @@ class BCD:
         return len(self.history)
 
     def fingerprint(self) -> dict:
-        """What must match for --resume to continue the same run."""
-        c = self.config
-        return {"targets": [int(t) for t in c.targets], "drc": int(c.drc), "drc_fraction": float(c.drc_fraction),
-                "rt": int(c.rt), "adt": float(c.adt),
-                "criterion": c.criterion, "seed": self.seed, "score_subset": int(c.score_subset),
-                "proposal": c.proposal, "estimate": c.estimate, "estimate_from": c.estimate_from,
-                "concentrate": c.concentrate, "restore": float(c.restore), "pool": c.pool,
-                "quota": c.quota, "removal": c.removal,
-                "temperature": c.temperature, "scoring": c.scoring, "race_eta": c.race_eta,
+        """What must match for --resume to continue the same run: every search setting, the seed, and the shape of
+        the finetunes (a target finetune or not, one optimizer carried or a fresh one per step)."""
+        return {**dataclasses.asdict(self.config), "seed": self.seed,
                 "target_finetune": self.target_finetune is not None,
                 "step_schedule": "fresh" if self.carried is None else "continuous"}
 
@@ -219,16 +211,10 @@ class BCD:
 
     def _resume(self) -> None:
         state = load_state(self.state_path, self.model, self.generator, self.carried)
-        # states from before these settings: the signed estimate, fresh step finetunes, a fixed DRC, no quota, hard
-        # removals, the estimate over the subset alone, no channel weights, no restores
-        saved = {"estimate": "signed", "step_schedule": "fresh", "drc_fraction": 0.0, "quota": "none",
-                 "removal": "hard", "estimate_from": "subset", "concentrate": "none", "restore": 0.0,
-                 **state["config"]}
-        if saved != self.fingerprint():
+        if state["config"] != self.fingerprint():
             raise FastmaskError(f"BCD state {self.state_path} belongs to another run ({state['config']}); "
                                 "use the same settings to resume it, or another out dir")
         self.history, self.targets_done = state["history"], state["targets"]
-        self.finetune_costs = state.get(FINETUNE_COSTS_KEY)
         self.warned, self.done = state.get("warnings", []), state["done"]
         self.log(f"BCD: resuming after step {self.step} at {self.mask_set.count()} ReLUs")
 
@@ -259,63 +245,77 @@ class BCD:
                        f"({threshold:.2f} points) of the {self.labels.shape[0]}-image scoring subset: candidates are "
                        "chosen on noise; score on more images (--score-subset 0) or use --criterion loss")
             self.warned.append(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         return standard_error
 
+    # ---- one step: measure, choose, apply, record ------------------------------------------------------------
     def _one_step(self, count: int) -> None:
-        config, step = self.config, self.step + 1
-        target, remove = plan_removal(count, config.targets, config.drc, config.drc_fraction)
+        step = self.step + 1
+        target, remove = plan_removal(count, self.config.targets, self.config.drc)
         last_good = copy.deepcopy(self.model.state_dict())
-
         t0 = time.perf_counter()
-        n = int(self.labels.shape[0])
-        # before the reference: a restore changes the model the candidates are scored against
-        candidates, estimate_images, restored = self._candidates(remove)
-        reference = score_current(self.model, self.images, self.labels, batch_size=config.score_batch_size)
+        measured = self._measure(step, remove)
+        choice = self._choose(measured)
+        t1 = time.perf_counter()
+        tuned, target_images = self._apply(measured.candidates[choice.index], step, target, last_good)
+        t2 = time.perf_counter()
+        self._record(step, count, target, remove, measured, choice, tuned, target_images, (t0, t1, t2))
+
+    def _measure(self, step: int, remove: int) -> Measured:
+        """The step's candidates (drawn before scoring, so early stopping never changes what the generator yields
+        next) and the reference they are scored against."""
+        candidates, estimate_images = self._candidates(remove)
+        reference = score_current(self.model, self.images, self.labels, batch_size=self.config.score_batch_size)
         if not math.isfinite(reference[1]):
             raise FastmaskError(f"BCD step {step}: the model's loss on the scoring subset is {reference[1]} (its "
                                 "eval-mode outputs are not finite); a polynomial replacement's quadratic terms can "
                                 "overflow from site to site at low budgets: use --replacement identity, or lower "
                                 "--snl-lr and --finetune-lr")
-        standard_error = self._warn_once_if_noisy(reference)
-        if len(candidates) == 1:  # RT 1 (or one subset left): nothing to choose between, it goes in unscored
-            choice, fallback, acc, loss, scored, forward_images = 0, False, math.nan, math.nan, 0, 0
-        else:
-            choice, fallback, acc, loss, scored, forward_images = self._score(candidates, reference)
-        if self.group is not None:  # rank 0 decides; everyone applies its choice
-            choice, fallback, acc, loss = self.group.broadcast((choice, fallback, acc, loss))
-        drop = reference[0] - acc if config.criterion == "accuracy" else loss - reference[1]
-        chosen = candidates[choice]
-        t1 = time.perf_counter()
+        return Measured(candidates, estimate_images, reference, self._warn_once_if_noisy(reference))
 
-        with self._summing_finetune_costs():
-            if config.removal == "fade":  # from ReLU to the replacement over the finetune, then removed
-                with self.mask_set.fading(chosen, int(self.finetune_steps)):
-                    tuned = self._finetune(self.finetune, step, last_good)
-                self.mask_set.remove(chosen)
-            else:
-                self.mask_set.remove(chosen)
-                tuned = self._finetune(self.finetune, step, last_good)
-            step_images, target_images = int(tuned.get("train_images", 0)), 0
-            budget = self.mask_set.count()
-            if budget == target and self.target_finetune is not None:  # the target is measured after this one
-                tuned = self._finetune(self.target_finetune, step, last_good)
-                target_images = int(tuned.get("train_images", 0))
-        t2 = time.perf_counter()
+    def _choose(self, measured: Measured) -> Choice:
+        """Scores the candidates (rank 0's choice is every process's); one candidate goes in unscored."""
+        if len(measured.candidates) == 1:  # RT 1 (or one subset left): nothing to choose between
+            return Choice(0, False, math.nan, math.nan, 0, 0)
+        choice = self._score(measured.candidates, measured.reference)
+        if self.group is not None:  # rank 0 decides; everyone applies its choice
+            index, fallback, accuracy, loss = self.group.broadcast(
+                (choice.index, choice.fallback, choice.accuracy, choice.loss))
+            choice = dataclasses.replace(choice, index=index, fallback=fallback, accuracy=accuracy, loss=loss)
+        return choice
+
+    def _apply(self, chosen: torch.Tensor, step: int, target: int, last_good: dict) -> tuple[dict, int]:
+        """Removes the chosen ReLUs and finetunes, once more when the count lands on the target: (the last
+        finetune's result with the step's train images, the target finetune's images)."""
+        self.mask_set.remove(chosen)
+        tuned = self._finetune(self.finetune, step, last_good)
+        step_images, target_images = int(tuned.get("train_images", 0)), 0
+        if self.mask_set.count() == target and self.target_finetune is not None:  # measured after this one
+            tuned = self._finetune(self.target_finetune, step, last_good)
+            target_images = int(tuned.get("train_images", 0))
         if self.group is not None:
             self.group.check_same(f"masks after BCD step {step}", masks_digest(self.model))
+        return {**tuned, "train_images": step_images + target_images}, target_images
 
+    def _record(self, step: int, count: int, target: int, remove: int, measured: Measured, choice: Choice,
+                tuned: dict, target_images: int, times: tuple[float, float, float]) -> None:
+        """The step's row, the target when the count lands on it, the state file, the log line and on_step."""
+        config, reference, n = self.config, measured.reference, int(self.labels.shape[0])
+        drop = reference[0] - choice.accuracy if config.criterion == "accuracy" else choice.loss - reference[1]
+        budget = self.mask_set.count()
+        t0, t1, t2 = times
         record = {
             "step": step, "target": int(target), "budget_before": count, "budget_after": budget,
-            "removed": remove + int(restored.numel()), "restored": int(restored.numel()),
-            "ref_acc": reference[0], "ref_loss": reference[1], "ref_se_points": standard_error,
-            "scoring_images": n, "tries_scored": scored, "rt": int(config.rt),
-            "accepted_index": choice, "accepted_drop": drop, "accepted_acc": acc, "accepted_loss": loss,
-            "fallback": fallback, "val_acc": tuned.get("val_acc"), "val_loss": tuned.get("val_loss"),
+            "removed": remove, "ref_acc": reference[0], "ref_loss": reference[1],
+            "ref_se_points": measured.standard_error,
+            "scoring_images": n, "tries_scored": choice.scored, "rt": int(config.rt),
+            "accepted_index": choice.index, "accepted_drop": drop, "accepted_acc": choice.accuracy,
+            "accepted_loss": choice.loss, "fallback": choice.fallback,
+            "val_acc": tuned.get("val_acc"), "val_loss": tuned.get("val_loss"),
             # compute: images pushed forward by the search (reference + candidates), images trained on (the
-            # finetune, plus the informed proposal's forward + backward pass)
-            "forward_images": n + forward_images,
-            "train_images": step_images + target_images + estimate_images,
+            # finetunes, plus the informed proposal's forward + backward pass)
+            "forward_images": n + choice.forward_images,
+            "train_images": int(tuned["train_images"]) + measured.estimate_images,
             "target_finetune_images": target_images,
             "seconds_scoring": t1 - t0, "seconds_finetune": t2 - t1, "seconds": t2 - t0,
         }
@@ -324,30 +324,19 @@ class BCD:
             self._save_target(target)
         self._save_state()
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
-        picked = "one candidate, taken unscored" if not scored else \
-            f"{'fallback' if fallback else 'accepted'} drop {drop:+.3f} after {scored}/{len(candidates)} tries"
+        picked = "one candidate, taken unscored" if not choice.scored else \
+            (f"{'fallback' if choice.fallback else 'accepted'} drop {drop:+.3f} after {choice.scored}/"
+             f"{len(measured.candidates)} tries")
         self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
-                 f"(+-{standard_error:.2f}); {picked}{f', {restored.numel()} put back' if restored.numel() else ''}; "
-                 f"val {val}; {t1 - t0:.1f}s scoring + {t2 - t1:.1f}s finetune")
+                 f"(+-{measured.standard_error:.2f}); {picked}; val {val}; {t1 - t0:.1f}s scoring + "
+                 f"{t2 - t1:.1f}s finetune")
         if self.on_step is not None and self.is_main:
             self.on_step(record, self)
 
     def _save_state(self) -> None:
         if self.is_main:
             save_state(self.state_path, self.model, self.generator, self._state(),
-                       None if self.carried is None else self.carried.state_tensors(), self.finetune_costs)
-
-    @contextlib.contextmanager
-    def _summing_finetune_costs(self):
-        """With estimate_from subset+finetune (informed candidates), sums the estimate over this step's finetunes for
-        the next step's proposal; else nothing."""
-        config = self.config
-        if config.proposal != "informed" or config.estimate_from != "subset+finetune":
-            yield
-            return
-        with FinetuneCosts(self.model, absolute=config.estimate == "absolute") as summed:
-            yield
-        self.finetune_costs = summed.costs()
+                       None if self.carried is None else self.carried.state_tensors())
 
     def _finetune(self, finetune: Callable[[nn.Module, int], dict], step: int, last_good: dict) -> dict:
         try:
@@ -358,63 +347,37 @@ class BCD:
                                 f"step {step - 1} (saved in {self.state_path}); lower the finetune lr and --resume"
                                 ) from err
 
-    def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int, torch.Tensor]:
-        """(RT candidates, images the proposal trained through, the ReLUs put back first). All are drawn before
-        scoring, so early stopping never changes what the generator yields next. With bcd.restore, the ReLUs put
-        back are reinstated in the model here and each candidate removes as many more."""
+    def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int]:
+        """(RT candidates, images the proposal trained through)."""
         config = self.config
-        no_restores = torch.zeros(0, dtype=torch.int64)
-        sites = None if config.quota == "none" else self.mask_set.sizes
         if config.proposal == "uniform":
-            if sites is None:
-                return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0, no_restores
-            # every present ReLU alike and the pool the whole site: each site's quota is a uniform draw from it
-            equal = torch.where(self.mask_set.flat(), 0.0, math.inf).double()
-            return propose(equal, remove, int(config.rt), self.generator, pool=float(equal.numel()),
-                           temperature=math.inf, site_sizes=sites), 0, no_restores
+            return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
         # Estimated after every finetune (each step starts after one), on the scoring subset.
         part = share(int(self.labels.shape[0]), self.group)
-        costs, gains = removal_and_restore_costs(self.model, self.images[part], self.labels[part],
-                                                 batch_size=config.score_batch_size,
-                                                 absolute=config.estimate == "absolute", restore=config.restore > 0)
-        if self.finetune_costs is not None:  # this process's finetune batches since the last proposal
-            costs = costs + self.finetune_costs
-            self.finetune_costs = None
+        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size)
         if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
             costs = self.group.all_reduce_sum_(costs)
-            if gains is not None:  # -inf (present) stays -inf
-                gains = self.group.all_reduce_sum_(gains)
-        if config.concentrate == "channels":  # absent ReLUs stay +inf (an empty channel weighs 0)
-            costs = torch.where(torch.isfinite(costs), costs * channel_weights(self.mask_set), costs)
-        # at most what the ReLUs present before the restore can give back on top of the step's removals
-        room = self.mask_set.count() - remove
-        restored = no_restores if gains is None else to_restore(gains, min(round(config.restore * remove), room))
-        if self.group is not None:  # every process puts back rank 0's choice
-            restored = self.group.broadcast(restored)
-        if restored.numel():  # back in, and not removable again in the same step
-            self.mask_set.reinstate(restored)
-        candidates = propose(costs, remove + int(restored.numel()), int(config.rt), self.generator,
-                             pool=config.pool, temperature=config.temperature, site_sizes=sites)
+        candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
+                             temperature=config.temperature)
         if self.group is not None:
             candidates = self.group.broadcast(candidates)
-        return candidates, int(self.labels.shape[0]), restored
+        return candidates, int(self.labels.shape[0])
 
-    def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]
-               ) -> tuple[int, bool, float, float, int, int]:
-        """(chosen index, fallback?, its accuracy and loss on the whole subset, candidates scored, image-forwards)."""
+    def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]) -> Choice:
+        """The chosen candidate by the configured rule (race, or the paper's exact first-under-ADT)."""
         config, n = self.config, int(self.labels.shape[0])
         if config.scoring == "race":
             result = race(self.model, candidates, self.images, self.labels, criterion=config.criterion,
                           reference=reference, adt=config.adt, eta=config.race_eta,
                           batch_size=config.score_batch_size, shuffle_seed=self.seed, group=self.group)
             acc, loss = result.best_scores
-            return result.best, result.accepted is None, acc, loss, len(candidates), result.forward_images
+            return Choice(result.best, result.accepted is None, acc, loss, len(candidates), result.forward_images)
         scores = score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
                                   adt=config.adt, criterion=config.criterion, batch_size=config.score_batch_size,
                                   group=self.group)
-        choice, fallback = choose(scores, reference, config.criterion)
-        return (choice, fallback, float(scores.accuracy[choice]), float(scores.loss[choice]), int(scores.scored),
-                int(scores.scored) * n)
+        index, fallback = choose(scores, reference, config.criterion)
+        return Choice(index, fallback, float(scores.accuracy[index]), float(scores.loss[index]), int(scores.scored),
+                      int(scores.scored) * n)
 
     def compute(self) -> dict:
         """Images the search has pushed forward and trained on so far (every step of this run)."""
@@ -436,32 +399,26 @@ class BCD:
 
 # ---- the whole thing on a fastmask dataset -----------------------------------------------------------------------
 def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str | Path, *, seed: int = 0,
-            finetune_config=None, finetune_max_steps: Optional[int] = None,
-            target_finetune_epochs: Optional[int] = None, step_schedule: Optional[str] = None,
-            teacher: Optional[nn.Module] = None, resume: bool = False, on_step=None, progress: bool = True,
-            log: Callable[[str], None] = print, group: Optional[Group] = None) -> BCDResult:
+            finetune: Optional[FinetuneConfig] = None, teacher: Optional[nn.Module] = None, resume: bool = False,
+            on_step=None, progress: bool = True, log: Callable[[str], None] = print,
+            group: Optional[Group] = None) -> BCDResult:
     """BCD on a fastmask.data.Dataset: scores on data.scoring_subset, finetunes with train.train (a new seed per
-    step, so a resumed run repeats the same shuffles), evaluates each target on val and test. step_schedule
-    "continuous": the step finetunes share one optimizer at a constant lr; the target finetune is always fresh.
-    What is not given follows fastmask.config.FinetuneConfig's defaults, as the CLI does."""
+    step, so a resumed run repeats the same shuffles), evaluates each target on val and test. finetune (default:
+    FinetuneConfig's defaults, as the CLI's): the recipe of every step's finetune and of the target finetune; with
+    step_schedule "continuous" the step finetunes share one optimizer at a constant lr, the target finetune is
+    always fresh."""
     from .. import data, train
 
-    defaults = FinetuneConfig()
-    if finetune_config is None:
-        finetune_config = train.finetune_config(model_spec(model)["arch"], defaults.epochs_for(dataset.name),
-                                                lr=defaults.lr, optimizer=defaults.optimizer)
-    target_finetune_epochs = defaults.target_epochs if target_finetune_epochs is None else target_finetune_epochs
-    step_schedule = defaults.step_schedule if step_schedule is None else step_schedule
+    finetune = FinetuneConfig() if finetune is None else finetune
+    recipe = train.finetune_recipe(finetune, model_spec(model)["arch"], dataset.name)
     model.to(device)
     images, labels = data.scoring_subset(dataset, config.score_subset, device, seed=seed)
-    if step_schedule not in STEP_SCHEDULES:
-        raise FastmaskError(f"unknown step schedule {step_schedule!r}; use {' or '.join(STEP_SCHEDULES)}")
-    carried = train.CarriedOptimizer() if step_schedule == "continuous" else None
+    carried = train.CarriedOptimizer() if finetune.step_schedule == "continuous" else None
 
-    def finetune(m: nn.Module, step: int, epochs: Optional[int] = None, max_steps=finetune_max_steps,
-                 carry: Optional[train.CarriedOptimizer] = carried) -> dict:
-        step_config = dataclasses.replace(finetune_config, seed=int(seed) * 1_000_003 + step,
-                                          epochs=finetune_config.epochs if epochs is None else epochs,
+    def finetune_step(m: nn.Module, step: int, epochs: Optional[int] = None, max_steps=finetune.max_steps,
+                      carry: Optional[train.CarriedOptimizer] = carried) -> dict:
+        step_config = dataclasses.replace(recipe, seed=int(seed) * 1_000_003 + step,
+                                          epochs=recipe.epochs if epochs is None else epochs,
                                           lr_schedule="cosine" if carry is None else "constant")
         rows = train.train(m, dataset, step_config, device, teacher=teacher, progress=progress, max_steps=max_steps,
                            group=group, carried=carry)
@@ -470,15 +427,14 @@ def run_bcd(model: nn.Module, dataset, config: BCDConfig, device, out_dir: str |
                 "train_images": int(last["images"])}
 
     def target_finetune(m: nn.Module, step: int) -> dict:  # whole epochs, another shuffle than the step's
-        return finetune(m, step + 500_000, epochs=target_finetune_epochs, max_steps=None, carry=None)
+        return finetune_step(m, step + 500_000, epochs=finetune.target_epochs, max_steps=None, carry=None)
 
     def evaluate_target(m: nn.Module) -> dict:
         val_acc, val_loss = train.evaluate(m, dataset.val_x, dataset.val_y, dataset, device)
         test_acc, test_loss = train.evaluate(m, dataset.test_x, dataset.test_y, dataset, device)
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
-    step_count = train.optimizer_steps(len(dataset.train_y), finetune_config, finetune_max_steps)
-    driver = BCD(model, config, images, labels, finetune, out_dir, seed=seed, evaluate_target=evaluate_target,
-                 target_finetune=target_finetune if target_finetune_epochs > 0 else None, on_step=on_step, log=log,
-                 group=group, carried=carried, finetune_steps=step_count)
+    driver = BCD(model, config, images, labels, finetune_step, out_dir, seed=seed, evaluate_target=evaluate_target,
+                 target_finetune=target_finetune if finetune.target_epochs > 0 else None, on_step=on_step, log=log,
+                 group=group, carried=carried)
     return driver.run(resume=resume)

@@ -35,36 +35,22 @@ def _replacement_delta(x: torch.Tensor, coeffs: Optional[torch.Tensor]) -> torch
     return replaced - torch.relu(xf)
 
 
-def _summed_effect(grad: torch.Tensor, site_input: torch.Tensor, coeffs: Optional[torch.Tensor], absolute: bool,
-                   scale: float = 1.0) -> torch.Tensor:
-    """sum over the batch of scale * dL/dy * (r(x) - relu(x)) (of its size per image when absolute), float64."""
-    effect = grad.float() * _replacement_delta(site_input, coeffs) * scale
-    return (effect.abs() if absolute else effect).sum(dim=0).double()
+def _summed_effect(grad: torch.Tensor, site_input: torch.Tensor, coeffs: Optional[torch.Tensor]) -> torch.Tensor:
+    """sum over the batch of the per-image size |dL/dy * (r(x) - relu(x))|, float64."""
+    return (grad.float() * _replacement_delta(site_input, coeffs)).abs().sum(dim=0).double()
 
 
-def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256, *,
-                  absolute: bool = False) -> torch.Tensor:
-    """First-order loss increase of removing each ReLU: float64 [MaskSet(model).total()], +inf where absent.
+def removal_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+                  ) -> torch.Tensor:
+    """First-order size of the loss change of removing each ReLU: float64 [MaskSet(model).total()], +inf where
+    absent.
 
     For a present ReLU with input x and output y = relu(x), replacing it by r changes y by r(x) - relu(x); to first
-    order the summed cross-entropy over `images` changes by sum_n dL/dy * (r(x) - relu(x)). Positive means the loss is
-    estimated to rise. Units: summed CE over the images (divide by len(images) for the mean CE the scorer reports).
-    absolute=True sums |dL/dy * (r(x) - relu(x))| per image instead: the size of the change, which does not let
-    large per-image effects of opposite sign cancel (a ReLU with such effects is not cheap to remove).
-    Runs in eval mode (train/eval flags restored) and computes gradients for the site outputs only, never weights.
-    """
-    return removal_and_restore_costs(model, images, labels, batch_size, absolute=absolute, restore=False)[0]
-
-
-def removal_and_restore_costs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
-                              *, absolute: bool = False, restore: bool = True
-                              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(removal_costs, restore gains) from one forward and backward pass.
-
-    The restore gain of an absent ReLU is the first-order loss decrease of putting it back: its output changes by
-    relu(x) - r(x), so the summed cross-entropy falls by sum_n dL/dy * (r(x) - relu(x)), always signed (a gain must
-    say which way the loss moves, as an SNL alpha's gradient does when it grows an alpha back). float64
-    [MaskSet(model).total()], -inf where present; None when restore=False.
+    order image n's cross-entropy changes by e_n = dL_n/dy * (r(x) - relu(x)). The cost is sum_n |e_n|: the size of
+    the change, which does not let large per-image effects of opposite sign cancel (a ReLU with such effects is not
+    cheap to remove; ranked by |sum_n e_n| instead, BCD's models came out less accurate, bench/FIDELITY.md). Units:
+    summed CE over the images. Runs in eval mode (train/eval flags restored) and computes gradients for the site
+    outputs only, never weights.
     """
     _check_data(images, labels)
     if batch_size < 1:
@@ -76,7 +62,6 @@ def removal_and_restore_costs(model: nn.Module, images: torch.Tensor, labels: to
         raise FastmaskError("removal_costs: a site holds candidate hypotheses; clear them first")
     device = _model_device(model)
     sums = [torch.zeros(site.shape, dtype=torch.float64, device=device) for site in mask_set.sites]
-    gains = [torch.zeros_like(s) for s in sums] if restore else None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook_for(index: int):
@@ -101,109 +86,14 @@ def removal_and_restore_costs(model: nn.Module, images: torch.Tensor, labels: to
                 for i, grad in zip(order, grads, strict=True):
                     if grad is None:  # a site whose output does not reach the loss
                         continue
-                    coeffs = mask_set.sites[i].coeffs
-                    effect = _summed_effect(grad, captured[i][0], coeffs, absolute)
-                    sums[i] += effect
-                    if gains is not None:  # signed: the same sum unless the costs are absolute
-                        gains[i] += _summed_effect(grad, captured[i][0], coeffs, absolute=False) if absolute \
-                            else effect
+                    sums[i] += _summed_effect(grad, captured[i][0], mask_set.sites[i].coeffs)
                 captured.clear()
     finally:
         for handle in handles:
             handle.remove()
-    present = mask_set.flat()
     costs = torch.cat([s.reshape(-1).cpu() for s in sums])
-    costs[~present] = math.inf
-    if gains is None:
-        return costs, None
-    restore_gains = torch.cat([g.reshape(-1).cpu() for g in gains])
-    restore_gains[present] = -math.inf
-    return costs, restore_gains
-
-
-def to_restore(gains: torch.Tensor, k: int) -> torch.Tensor:
-    """The k absent ReLUs of largest positive restore gain (sorted CPU int64 flat indices; fewer when fewer are
-    estimated to lower the loss). Ties go to the lower index, so every process picks the same."""
-    gains = gains.detach().cpu().double().reshape(-1)
-    if torch.isnan(gains).any():
-        raise FastmaskError("to_restore: gains hold NaN")
-    positive = (gains > 0).nonzero().squeeze(1)
-    if k <= 0 or positive.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    order = torch.sort(-gains[positive], stable=True).indices
-    return positive[order[:k]].sort().values
-
-
-class FinetuneCosts:
-    """removal_costs' estimate summed over the batches a finetune trains on, at no extra pass.
-
-    Inside the `with` block every training-mode forward that builds a graph hooks each site's output; when the
-    finetune's backward reaches it, dL/dy * (r(x) - relu(x)) is summed per ReLU over the batch, times the batch size
-    so that a mean loss counts like removal_costs' summed one (the finetune's loss, with its distillation term, not
-    the scoring subset's cross-entropy). The finetune sees many more images than the scoring subset, and sees them
-    while the weights move through the removals, as SNL's alphas do: its sums add to the subset's estimate.
-    costs() is float64 [MaskSet(model).total()], 0 where no batch reached the ReLU (absent ones included: the fresh
-    estimate they are added to marks those +inf).
-    """
-
-    def __init__(self, model: nn.Module, *, absolute: bool = False):
-        self.mask_set = MaskSet(model)
-        self.absolute = bool(absolute)
-        self.sums: Optional[list[torch.Tensor]] = None
-        self.handles: list = []
-
-    def __enter__(self) -> "FinetuneCosts":
-        self.handles = [site.register_forward_hook(self._hook_for(i)) for i, site in enumerate(self.mask_set.sites)]
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        return False
-
-    def _hook_for(self, index: int):
-        site = self.mask_set.sites[index]
-
-        def add(site_input: torch.Tensor, grad: torch.Tensor) -> None:
-            if self.sums is None:
-                self.sums = [torch.zeros(s.shape, dtype=torch.float64, device=s.mask.device)
-                             for s in self.mask_set.sites]
-            self.sums[index] += _summed_effect(grad, site_input, site.coeffs, self.absolute, scale=grad.shape[0])
-
-        def hook(module, args, output):
-            if module.training and output.requires_grad and module.hypotheses is None:
-                site_input = args[0].detach()
-                output.register_hook(lambda grad: add(site_input, grad))
-        return hook
-
-    def costs(self) -> torch.Tensor:
-        if self.sums is None:
-            return torch.zeros(self.mask_set.total(), dtype=torch.float64)
-        return torch.cat([s.reshape(-1).cpu() for s in self.sums])
-
-
-def channel_weights(mask_set: MaskSet) -> torch.Tensor:
-    """Per ReLU, how many ReLUs its channel still has relative to the mean over its site's channels that have any:
-    float64 [mask_set.total()] (1 for sites without channels, [D]; absent ReLUs get their channel's value).
-
-    Multiplied into the absolute estimate (bcd.concentrate channels), it makes a ReLU left with few others in an
-    otherwise linear channel cheaper and one in a channel that is still mostly nonlinear dearer, so the kept ReLUs
-    gather in fewer channels, as SNL's do (bench/FIDELITY.md). The mean is over channels in use, so a site's weights
-    average about 1 and the estimate's balance between sites stays.
-    """
-    parts = []
-    for site in mask_set.sites:
-        mask = site.mask.detach().cpu()
-        if mask.dim() < 2:
-            parts.append(torch.ones(mask.numel(), dtype=torch.float64))
-            continue
-        per_channel = mask.reshape(mask.shape[0], -1).sum(dim=1).double()
-        used = per_channel[per_channel > 0]
-        mean = float(used.mean()) if used.numel() else 1.0
-        weight = (per_channel / mean).view(-1, *([1] * (mask.dim() - 1))).expand(mask.shape)
-        parts.append(weight.reshape(-1))
-    return torch.cat(parts)
+    costs[~mask_set.flat()] = math.inf
+    return costs
 
 
 def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -221,22 +111,6 @@ def _smallest_pool(k: int, rt: int, present: int) -> int:
     return size
 
 
-def site_quotas(present: list[int], k: int) -> list[int]:
-    """k split over sites in proportion to their present ReLUs: each site gets floor(k * present / total), and what
-    is left goes one each to the sites with the largest remainders (ties: the larger site, then the earlier). A quota
-    never exceeds its site's present count."""
-    total = sum(present)
-    if not 0 <= k <= total:
-        raise FastmaskError(f"cannot split {k} removals over sites holding {total} present ReLUs")
-    if k == 0:
-        return [0] * len(present)
-    quotas = [k * p // total for p in present]
-    order = sorted(range(len(present)), key=lambda i: (-(k * present[i] % total), -present[i], i))
-    for i in order[:k - sum(quotas)]:
-        quotas[i] += 1
-    return quotas
-
-
 def _ranked(costs: torch.Tensor, present: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """`present` (flat indices) cheapest |cost| first; ties broken at random (many ReLUs cost exactly 0: inputs never
     negative on the subset)."""
@@ -251,7 +125,7 @@ def _pool_preference(member_costs: torch.Tensor) -> torch.Tensor:
 
 
 def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *, pool: float,
-            temperature: float, site_sizes: Optional[list[int]] = None) -> list[torch.Tensor]:
+            temperature: float) -> list[torch.Tensor]:
     """rt distinct candidates of k present ReLUs each (sorted CPU int64 flat indices), drawn from the cheap end.
 
     Cheap means a small |cost|: the smallest estimated change, not the most negative estimate. The most negative
@@ -263,11 +137,6 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     with the model and the subset size), temperature=inf gives uniform k-subsets of the pool, small values approach
     its cheapest k. The pool bounds how far a candidate strays from the estimate; sampling inside it keeps candidates
     diverse, since a first-order estimate misses interactions between removed ReLUs.
-
-    site_sizes (the sites' ReLU counts, in the order of the flat index) draws per site instead: each site gives
-    site_quotas of the k, in proportion to its present ReLUs, each drawn by the rule above from that site's own pool
-    (pool * quota of its cheapest, its own cost spread). The estimate then chooses which ReLUs of a site go, not how
-    many: the share of each site stays that of the model the search starts from.
 
     A draw equal to an earlier candidate is discarded and the temperature doubled, so candidates always differ. When
     fewer than rt distinct k-subsets of the present ReLUs exist, every one is returned (smallest total |cost| first).
@@ -287,26 +156,15 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     if k > count:
         raise FastmaskError(f"cannot propose {k} ReLUs: only {count} are present")
 
-    # few enough to list them all (with quotas, only when every present ReLU goes: a listing ignores the sites)
-    if k == count or (site_sizes is None and count <= rt and math.comb(count, k) <= rt):
+    # few enough to list them all
+    if k == count or (count <= rt and math.comb(count, k) <= rt):
         subsets = [torch.tensor(c, dtype=torch.int64) for c in itertools.combinations(present.tolist(), k)]
         subsets.sort(key=lambda s: (float(costs[s].abs().sum()), s.tolist()))
         return subsets
 
-    size_of_change = costs.abs()
-    if site_sizes is None:
-        groups = [(present, k)]
-    else:
-        if sum(site_sizes) != costs.numel():
-            raise FastmaskError(f"propose: site sizes sum to {sum(site_sizes)}, costs hold {costs.numel()}")
-        offsets = [0, *itertools.accumulate(site_sizes)]
-        in_site = [present[(present >= a) & (present < b)] for a, b in zip(offsets[:-1], offsets[1:])]
-        groups = [(members, q) for members, q in zip(in_site, site_quotas([m.numel() for m in in_site], k)) if q]
-    pools = []
-    for members, quota in groups:
-        ranked = _ranked(costs, members, generator)
-        size = min(ranked.numel(), max(math.ceil(pool * quota), _smallest_pool(quota, rt, ranked.numel())))
-        pools.append((ranked[:size], _pool_preference(size_of_change[ranked[:size]]), quota))
+    ranked = _ranked(costs, present, generator)
+    size = min(count, max(math.ceil(pool * k), _smallest_pool(k, rt, count)))
+    members, base = ranked[:size], _pool_preference(costs.abs()[ranked[:size]])
 
     candidates: list[torch.Tensor] = []
     seen: set[tuple[int, ...]] = set()
@@ -314,8 +172,8 @@ def propose(costs: torch.Tensor, k: int, rt: int, generator: torch.Generator, *,
     for _ in range(ATTEMPTS_PER_CANDIDATE * rt):
         if len(candidates) == rt:
             break
-        chosen = torch.cat([members[_gumbel_top_k(-base / heat if math.isfinite(heat) else torch.zeros_like(base),
-                                                   quota, generator)] for members, base, quota in pools]).sort().values
+        logits = -base / heat if math.isfinite(heat) else torch.zeros_like(base)
+        chosen = members[_gumbel_top_k(logits, k, generator)].sort().values
         key = tuple(chosen.tolist())
         if key in seen:
             heat *= 2.0
