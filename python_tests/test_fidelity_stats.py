@@ -1,13 +1,20 @@
-"""bench/fidelity.py's gap statistics (BCD minus SNL per seed, the paired test-set standard error) and its
-equal-compute bookkeeping (the direct arm's images, SNL rows shared between arms)."""
+"""bench/fidelity.py: its gap statistics (BCD minus SNL per seed, the paired test-set standard error, mean and std over
+seeds), the rows it reads from a run, its arms' settings (the default arm is fastmask's default search, the paper arm
+the paper preset's), and a whole run of it on a tiny model."""
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 import math
+import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from fastmask.config import PRESETS, RunConfig, get, resolve, validate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
 
@@ -20,6 +27,13 @@ def fidelity():
     return module
 
 
+def row(method="BCD", seed=0, test=60.0, val=58.0, *, arm="default", budget=1500, train=100, forward=20,
+        seconds=1.0, fallbacks=None, right=(1, 0)):
+    return {"arm": arm, "method": method, "seed": seed, "budget": budget, "test_acc": test, "val_acc": val,
+            "train_images": train, "forward_images": forward, "seconds": seconds, "fallbacks": fallbacks,
+            "right": torch.tensor(right, dtype=torch.bool)}
+
+
 def test_paired_standard_error_averages_the_seeds_image_by_image(fidelity):
     # per image, over the two seeds: 1, 0, 0, 0 -> std 0.5 over 4 images -> 25 points
     differences = [torch.tensor([1.0, 0.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])]
@@ -29,131 +43,132 @@ def test_paired_standard_error_averages_the_seeds_image_by_image(fidelity):
 
 
 def test_gaps_pair_each_bcd_row_with_its_seeds_snl_row(fidelity):
-    def row(method, seed, test, val, right):
-        return {"arm": "continuous", "method": method, "seed": seed, "budget": 1500, "test_acc": test,
-                "val_acc": val, "right": torch.tensor(right, dtype=torch.bool)}
-
-    rows = [row("BCD", 0, 60.0, 58.0, [1, 1, 0, 0]), row("SNL", 0, 61.0, 59.5, [1, 0, 1, 1]),
-            row("BCD", 1, 62.0, 60.0, [1, 1, 1, 0]), row("SNL", 1, 61.5, 60.0, [0, 1, 1, 0]),
-            row("BCD", 2, 70.0, 70.0, [1, 1, 1, 1])]  # no SNL row for seed 2: not a pair
+    rows = [row("BCD", 0, 60.0, 58.0, right=[1, 1, 0, 0]), row("SNL", 0, 61.0, 59.5, train=120, right=[1, 0, 1, 1]),
+            row("BCD", 1, 62.0, 60.0, right=[1, 1, 1, 0]), row("SNL", 1, 61.5, 60.0, train=120, right=[0, 1, 1, 0]),
+            row("BCD", 2, 70.0, 70.0, right=[1, 1, 1, 1])]  # no SNL row for seed 2: not a pair
     [plain] = fidelity.gaps(rows)
     assert plain["test_gaps"] == [-1.0, 0.5] and plain["val_gaps"] == [-1.5, 0.0]
     assert plain["test_mean"] == pytest.approx(-0.25) and plain["test_paired_se"] is None
+    assert plain["test_std"] == pytest.approx(statistics.stdev([-1.0, 0.5]))
     [paired] = fidelity.gaps(rows, lambda r: r["right"])
     # per image: seed 0 (0, 1, -1, -1), seed 1 (1, 0, 0, 0) -> means (0.5, 0.5, -0.5, -0.5)
     assert paired["test_paired_se"] == pytest.approx(100 * 0.5773502691896258 / 2)
 
 
-def images_to_each_target(fidelity, settings: dict, train_size: int) -> tuple[dict[int, int], int]:
-    """({target: train + forward images to it}, BCD steps) of a continuous-like run, counted as the pipeline counts
-    them (full batches assumed): finetune batches and the estimate's pass over the scoring subset are trained on, the
-    reference and the race's candidates pushed forward, and a target finetune follows every target."""
-    subset = settings["bcd.score_subset"] or train_size
-    rt = settings["bcd.rt"]
-    assert rt <= 2  # the race's images below hold for at most two candidates
-    first = fidelity.default_first_slice(rt, subset, 2)
-    race = 0 if rt == 1 else (rt * first + subset if first < subset else rt * subset)
-    per_step = fidelity.step_finetune_images(settings, train_size) + subset + subset + race
-    count, images, steps, at_targets = settings["snl.ref_budget"], 0, 0, {}
-    while count > settings["bcd.targets"][-1]:
-        target, remove = fidelity.plan_removal(count, settings["bcd.targets"], settings["bcd.drc"])
-        count, images, steps = count - remove, images + per_step, steps + 1
-        if count == target:
-            images += settings.get("finetune.target_epochs",
-                                   fidelity.TARGET_FINETUNE_EPOCHS[settings["scale"]]) * train_size
-            at_targets[target] = images
-    return at_targets, steps
+def test_gaps_refuse_an_snl_row_with_less_compute_than_its_bcd_row(fidelity):
+    # compute is train + forward images: 120 trained match BCD's 100 trained + 20 pushed forward
+    assert len(fidelity.gaps([row("BCD", train=100, forward=20), row("SNL", train=120, forward=0)])) == 1
+    with pytest.raises(RuntimeError, match="not equal compute"):
+        fidelity.gaps([row("BCD", train=100, forward=20), row("SNL", train=119, forward=0)])
 
 
-STRAIGHT_ARMS = {  # arm: (its search, its candidates per step, its target finetune's share of the scale's)
-    "direct": (lambda f, *a: f.direct_search(*a), 2, 1.0),
-    "combined": (lambda f, *a: f.direct_search(*a, unscored=True), 1, 1.0),
-    "direct-final": (lambda f, s, n: f.straight_search(s, n, target_epochs=2 * f.TARGET_FINETUNE_EPOCHS[s]), 2, 2.0),
-    "direct-steps": (lambda f, s, n: f.straight_search(s, n, target_epochs=f.TARGET_FINETUNE_EPOCHS[s] // 2), 2, 0.5),
-    "direct-fine": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 2), 1, 1.0),
-    "direct-finer": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 4), 1, 1.0),
-    "direct-fine-first": (lambda f, s, n: f.straight_search(s, n, rt=1, drc=f.SCALES[s]["bcd.drc"] // 2, target=0),
-                          1, 1.0),
-}
+def test_aggregate_takes_mean_and_std_over_seeds(fidelity):
+    rows = [row("BCD", 0, 60.0, 58.0, train=100, forward=20, seconds=10.0, fallbacks=1),
+            row("BCD", 1, 62.0, 60.0, train=120, forward=30, seconds=20.0, fallbacks=2),
+            row("SNL", 0, 61.0, 59.0, train=130, forward=0),
+            row("BCD", 0, 50.0, 49.0, arm="paper", budget=3000)]
+    paper, bcd, snl = fidelity.aggregate(rows)  # the higher budget first, then the arms in ARMS' order
+    assert (paper["arm"], paper["budget"], bcd["method"], snl["method"]) == ("paper", 3000, "BCD", "SNL")
+    assert bcd["seeds"] == 2 and bcd["test_mean"] == 61.0 and bcd["val_mean"] == 59.0
+    assert bcd["test_std"] == pytest.approx(math.sqrt(2.0))
+    assert (bcd["train_images"], bcd["forward_images"], bcd["seconds"], bcd["fallbacks"]) == (110, 25, 15.0, 1.5)
+    assert snl["test_std"] == 0.0 and snl["fallbacks"] is None  # one seed; SNL has no fallbacks
+
+
+def test_method_rows_read_each_target_of_a_both_run(fidelity, tmp_path):
+    with (tmp_path / "steps.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "seconds", "fallback"])
+        writer.writeheader()
+        writer.writerows([{"step": 1, "seconds": 2.0, "fallback": True}, {"step": 2, "seconds": 3.0, "fallback": False},
+                          {"step": 3, "seconds": 4.0, "fallback": True}])
+
+    def target(budget, **more):
+        return {"budget": budget, "test_acc": 50.0, "val_acc": 49.0, **more}
+
+    summary = {"config": {"out": str(tmp_path)},
+               "targets": [target(3000, step=2, train_images=10, forward_images=5),
+                           target(1500, step=3, train_images=20, forward_images=8)],
+               "snl_targets": [target(3000, train_images=15, forward_images=0, seconds=7.0)]}
+    first, last, snl = fidelity.method_rows(summary, "default", 1)
+    assert (first["seconds"], first["fallbacks"], first["train_images"], first["forward_images"]) == (5.0, 1, 10, 5)
+    assert (last["seconds"], last["fallbacks"], last["budget"], last["seed"]) == (9.0, 2, 1500, 1)
+    assert (snl["method"], snl["seconds"], snl["fallbacks"], snl["train_images"]) == ("SNL", 7.0, None, 15)
+    assert snl["model"] == str(tmp_path / "snl_targets" / "3000" / "model.safetensors")
+    assert first["model"] == str(tmp_path / "targets" / "3000" / "model.safetensors")
+
+
+def settings_of(fidelity, scale, root):
+    common = {"data.dataset": "digits", "model.arch": "resnet18", "seed": 0, **fidelity.SCALES[scale]}
+    return {name: validate(resolve({"out": str(root / name)}, yaml_values={**common, **settings}))
+            for name, settings in fidelity.run_settings(scale, root).items()}
 
 
 @pytest.mark.parametrize("scale", ["smoke", "small", "full"])
-@pytest.mark.parametrize("train_size", [1000, 9000, 45000])
-@pytest.mark.parametrize("arm", ["unscored", *STRAIGHT_ARMS])
-def test_an_arm_sharing_continuous_snl_spends_no_more_images_to_the_last_target(fidelity, scale, train_size, arm):
-    gradual = {**fidelity.SCALES[scale], **fidelity.gradual_search(fidelity.SCALES[scale]), "scale": scale,
-               "bcd.rt": 2}
-    if arm == "unscored":
-        search, rt, share = fidelity.unscored_search(scale, train_size), 1, 1.0
-    else:
-        make, rt, share = STRAIGHT_ARMS[arm]
-        try:
-            search = make(fidelity, scale, train_size)
-        except ValueError as too_fine:  # a quarter of the DRC: the steps' estimates and references eat the images
-            assert arm == "direct-finer" and "leave no finetune step" in str(too_fine)
-            return
-    theirs, _ = images_to_each_target(fidelity, gradual, train_size)
-    mine, steps = images_to_each_target(fidelity, {**gradual, **search}, train_size)
-    last = gradual["bcd.targets"][0 if arm.endswith("-first") else -1]
-    assert sorted(mine) == (sorted(theirs) if arm == "unscored" else [last])
-    assert search.get("bcd.rt", 2) == rt
-    assert search.get("finetune.target_epochs", fidelity.TARGET_FINETUNE_EPOCHS[scale]) == int(
-        share * fidelity.TARGET_FINETUNE_EPOCHS[scale])
-    assert search["finetune.max_steps"] > 0
-    assert theirs[last] - steps * fidelity.BATCH < mine[last] <= theirs[last]  # all but under a batch per step
-    assert all(mine[t] <= theirs[t] for t in mine)
+def test_every_arm_is_a_both_run_from_its_start(fidelity, tmp_path, scale):
+    configs = settings_of(fidelity, scale, tmp_path)
+    assert sorted(configs) == sorted(fidelity.STARTS + fidelity.ARMS)
+    baseline = str(tmp_path / "identity" / "baseline" / "model.safetensors")
+    for arm, start in fidelity.START_OF.items():
+        config = configs[arm]
+        assert config.method == "both" and config.model.teacher == baseline
+        assert config.model.checkpoint == str(tmp_path / start / "snl" / "model.safetensors")
+        assert config.replacement == configs[start].replacement
+    assert configs["settled"].model.checkpoint == baseline and configs["identity"].model.checkpoint is None
+    assert configs["settled"].snl.finetune_epochs == fidelity.SIZES[scale]["settled_epochs"]
 
 
-def test_the_straight_arms_split_continuous_images_as_described(fidelity):
-    # small scale, 9,000 train images: continuous's 36 finetune steps per BCD step come back when the target
-    # finetune takes all the images continuous finetunes its two targets on; half the DRC doubles the steps
-    assert fidelity.direct_search("small", 9000)["finetune.max_steps"] == 82
-    assert fidelity.straight_search("small", 9000, target_epochs=20)["finetune.max_steps"] == 36
-    assert fidelity.straight_search("small", 9000, target_epochs=5)["finetune.max_steps"] == 106
-    fine = fidelity.straight_search("small", 9000, rt=1, drc=150)
-    assert (fine["bcd.drc"], fine["finetune.max_steps"]) == (150, 41)
-    assert fidelity.straight_search("small", 9000, target=0)["finetune.max_steps"] == 36  # continuous to 3,000
-    first = fidelity.straight_search("small", 9000, rt=1, drc=150, target=0)
-    assert (first["bcd.targets"], first["finetune.max_steps"]) == ([3000], 18)
-    assert fidelity.straight_search("small", 9000, rt=1, drc=75)["finetune.max_steps"] == 12
-    with pytest.raises(ValueError, match="60 steps of 75 ReLUs leave no finetune step"):
-        fidelity.straight_search("small", 1000, rt=1, drc=75)
-    with pytest.raises(ValueError, match="one or two candidates"):
-        fidelity.straight_search("small", 9000, rt=3)
+# The paths an arm sizes to the scale (and the run's own: its start, its method)
+SIZED = {"bcd.drc", "bcd.score_subset", "finetune.epochs", "finetune.max_steps", "finetune.target_epochs", "method",
+         "model.checkpoint", "model.teacher"}
 
 
-def test_shared_snl_rows_are_those_of_the_targets_reached_and_need_no_more_images(fidelity):
-    def target(budget, train, forward):
-        return {"budget": budget, "train_images": train, "forward_images": forward, "test_acc": 50.0,
-                "val_acc": 50.0, "seconds": 1.0}
-
-    snl_run = {"config": {"out": "runs/continuous"}, "targets": [target(3000, 100, 30), target(1500, 200, 40)],
-               "snl_targets": [target(3000, 130, 0), target(1500, 240, 0)]}
-    direct = {"targets": [target(1500, 190, 40)]}
-    rows = fidelity.shared_snl_rows(direct, snl_run, "continuous-direct", 0)
-    assert [(r["budget"], r["method"], r["train_images"]) for r in rows] == [(1500, "SNL", 240)]
-    with pytest.raises(RuntimeError, match="spent more images"):
-        fidelity.shared_snl_rows({"targets": [target(1500, 201, 40)]}, snl_run, "continuous-direct", 0)
-    # compute is train + forward images: training what scoring no longer pushes forward is the same compute
-    assert len(fidelity.shared_snl_rows({"targets": [target(1500, 230, 10)]}, snl_run, "continuous-unscored", 0)) == 1
-    with pytest.raises(RuntimeError, match="spent more images"):
-        fidelity.shared_snl_rows({"targets": [target(1500, 231, 10)]}, snl_run, "continuous-unscored", 0)
+@pytest.mark.parametrize("scale", ["smoke", "small", "full"])
+def test_the_default_arm_is_fastmasks_default_search(fidelity, tmp_path, scale):
+    arms = fidelity.run_settings(scale, tmp_path)
+    defaults = RunConfig()
+    for path, value in arms["default"].items():
+        if path not in SIZED:
+            assert value == get(defaults, path), path
+    polynomial_start = str(tmp_path / "settled-polynomial" / "snl" / "model.safetensors")
+    assert arms["polynomial"] == {**arms["default"], "replacement": "polynomial", "model.checkpoint": polynomial_start}
 
 
-def test_an_arm_too_fine_for_a_scale_says_so_only_when_asked_for(fidelity, tmp_path):
-    small, full = fidelity.lean_arms("small", tmp_path, 9000), fidelity.lean_arms("full", tmp_path, 9000)
-    assert small["continuous-direct-finer"]["bcd.drc"] == 75
-    assert isinstance(full["continuous-direct-finer"], ValueError)  # the other arms still build at that scale
-    assert full["continuous-direct-fine"]["bcd.drc"] == 50
+@pytest.mark.parametrize("scale", ["smoke", "small", "full"])
+def test_the_paper_arm_is_the_paper_presets_search(fidelity, tmp_path, scale):
+    paper = fidelity.run_settings(scale, tmp_path)["paper"]
+    compared = [path for path in paper if path in PRESETS["paper"] and path not in SIZED | {"bcd.rt"}]
+    assert {"bcd.proposal", "bcd.scoring", "finetune.optimizer", "finetune.step_schedule"} <= set(compared)
+    for path in compared:
+        assert paper[path] == PRESETS["paper"][path], path
+    if scale == "full":  # the paper's own search sizes
+        assert (paper["bcd.drc"], paper["bcd.rt"], paper["bcd.score_subset"]) == (100, 50, 0)
 
 
-@pytest.mark.parametrize("scale", ["small", "full"])
-def test_the_greedy_arms_are_the_fine_arms_taking_the_cheapest(fidelity, tmp_path, scale):
-    arms = fidelity.lean_arms(scale, tmp_path, 9000)
-    for fine, greedy in (("continuous-direct-fine", "continuous-direct-greedy"),
-                         ("continuous-direct-fine-first", "continuous-direct-greedy-first")):
-        assert arms[greedy] == {**arms[fine], "bcd.pool": 1.0}
-        assert "bcd.pool" not in arms[fine]  # the fine arms draw from the default 4 x DRC
-        assert greedy in fidelity.SNL_FROM and greedy in fidelity.SETTLED_STARTS and greedy in fidelity.ARMS
-    summed = arms["continuous-direct-greedy-summed"]
-    assert summed == {**arms["continuous-direct-greedy"], "bcd.estimate_from": "subset+finetune"}
+@pytest.mark.filterwarnings("ignore:ADT .* is below 2 standard errors")
+def test_a_tiny_run_writes_both_methods_rows_for_every_arm(fidelity, tmp_path, monkeypatch, one_thread):
+    """The whole bench on 16x16 digits and a width-4 resnet18: every arm's two methods at both targets, equal
+    compute, paired errors from the models, and the tables written."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.kron(digits.images * (255.0 / 16.0), np.ones((2, 2))).astype(np.uint8)  # 8x8 -> 16x16
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=pixels[:1400], y_train=digits.target[:1400], x_test=pixels[1400:],
+             y_test=digits.target[1400:])
+    monkeypatch.setitem(fidelity.SCALES, "smoke", {
+        "model.width": 4, "baseline.epochs": 1, "snl.ref_budget": 3000, "bcd.targets": [2600, 2200],
+        "snl.epochs": 1, "snl.target_epochs": 1, "snl.lambda0": 1e-3, "snl.finetune_epochs": 0})
+    monkeypatch.setitem(fidelity.SIZES, "smoke", {"drc": 400, "subset": 128, "steps": 2, "target_epochs": 1,
+                                                  "paper_rt": 2, "paper_subset": 128, "paper_steps": 2,
+                                                  "settled_epochs": 1})
+    out = tmp_path / "out"
+    payload = fidelity.main(["--data", str(data), "--scale", "smoke", "--out", str(out), "--device", "cpu"])
+    keys = {(r["arm"], r["method"], r["budget"]) for r in payload["rows"]}
+    assert keys == {(a, m, b) for a in fidelity.ARMS for m in ("BCD", "SNL") for b in (2600, 2200)}
+    assert [(g["arm"], g["budget"]) for g in payload["gaps"]] == [(a, b) for b in (2600, 2200) for a in fidelity.ARMS]
+    assert all(g["test_paired_se"] >= 0 for g in payload["gaps"])
+    assert payload["test_images"] == len(digits.target) - 1400
+    assert set(payload["starts"]) == {f"seed0/{s}" for s in fidelity.STARTS}
+    assert json.loads((out / "fidelity_smoke.json").read_text())["scale"] == "smoke"
+    assert "| 2200 | polynomial | SNL | 1 |" in (out / "fidelity_smoke.md").read_text()
+    assert (out / "fidelity_smoke.png").stat().st_size > 0
