@@ -64,8 +64,38 @@ def test_cuda_home_env_wins_when_it_is_a_toolkit(setup_py, fake_toolkit, tmp_pat
     assert setup_py.find_nvcc() == str(fake_toolkit / "bin" / "nvcc")
 
 
+@pytest.fixture(scope="module")
+def cuda_from_pypi():
+    spec = importlib.util.spec_from_file_location("fastmask_cuda_from_pypi", REPO / ".ci" / "cuda_from_pypi.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wheel_toolkit_gets_the_names_builds_look_for(cuda_from_pypi, tmp_path):
+    """NVIDIA's wheels ship lib/libcudart.so.13 and no lib64/: linking -lcudart from lib64/ needs both added."""
+    root = tmp_path / "cu13"
+    (root / "lib").mkdir(parents=True)
+    (root / "lib" / "libcudart.so.13").write_text("")
+    (root / "bin").mkdir()
+    executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
+    cuda_from_pypi.lay_out(str(root))
+    cuda_from_pypi.lay_out(str(root))  # a second run over a laid-out folder changes nothing
+    assert (root / "lib64" / "libcudart.so").resolve() == (root / "lib" / "libcudart.so.13").resolve()
+
+
+def test_wheel_toolkit_whose_nvcc_cannot_run_is_refused(cuda_from_pypi, tmp_path):
+    root = tmp_path / "cu13"
+    (root / "lib").mkdir(parents=True)
+    (root / "bin").mkdir()
+    executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'cannot execute binary file' >&2\nexit 126\n")
+    with pytest.raises(cuda_from_pypi.Unavailable, match="does not run here"):
+        cuda_from_pypi.lay_out(str(root))
+
+
 def test_extension_has_the_parts_the_build_asked_for():
-    """CI exports FASTMASK_BUILD_CUDA=1 for the build and the tests: the CUDA kernels must then be compiled in."""
+    """CI exports FASTMASK_BUILD_CUDA for the build and the tests: 1 when it found or installed a CUDA toolkit (the
+    CUDA kernels must then be compiled in), 0 when it built the CPU kernels only."""
     wanted = os.environ.get("FASTMASK_BUILD_CUDA", "").strip()
     if os.environ.get("FASTMASK_BUILD_EXT", "").strip() == "0":
         assert backends.extension() is None
