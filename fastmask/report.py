@@ -13,6 +13,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .files import atomic_write, atomic_write_text
+from .search import cpu_pass
 
 STEP_COLUMNS = ["step", "target", "budget_before", "budget_after", "removed", "ref_acc", "ref_loss",
                 "ref_se_points", "scoring_images", "tries_scored", "rt", "accepted_index", "accepted_drop",
@@ -21,11 +22,15 @@ STEP_COLUMNS = ["step", "target", "budget_before", "budget_after", "removed", "r
 
 
 def machine() -> dict:
-    """Where the numbers came from: they mean little without it."""
+    """Where the numbers came from: they mean little without it. With the CPU scoring pass sizes this process has
+    measured so far (cpu_pass; write_report brings them up to date, as scoring measures them during the run)."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    passes = cpu_pass.measured()
+    if passes:
+        info["cpu_scoring_passes"] = passes
     return info
 
 
@@ -122,9 +127,13 @@ def attach_pi(run_dir: str | Path, section: str, budget: Optional[int], rows: Se
 
 def write_report(out_dir: str | Path, summary: Mapping, history: Sequence[Mapping]) -> list[Path]:
     """steps.csv, summary.json and the plots from a run summary. summary needs: "targets" (list of {budget,
-    test_acc, val_acc, per_site}), optional "snl" ({budget, test_acc, ...}) and "config" ({adt, criterion})."""
+    test_acc, val_acc, per_site}), optional "snl" ({budget, test_acc, ...}) and "config" ({adt, criterion}). Its
+    "machine" section, when present, gets the CPU scoring pass sizes measured in this process (cpu_pass)."""
     out_dir = Path(out_dir)
     written = [out_dir / "steps.csv", out_dir / "summary.json"]
+    passes = cpu_pass.measured()
+    if passes and isinstance(summary.get("machine"), Mapping):  # measured after the summary took its machine()
+        summary = {**summary, "machine": {**summary["machine"], "cpu_scoring_passes": passes}}
     write_steps_csv(written[0], history)
     write_json(written[1], summary)
     plots = out_dir / "plots"

@@ -216,6 +216,8 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert [t["budget"] for t in summary["targets"]] == [2600, 2200]
     assert all(0 <= t["test_acc"] <= 100 and 0 <= t["val_acc"] <= 100 for t in summary["targets"])
     assert summary["snl"]["budget"] == 3000 and summary["start"]["relu_count"] == 3000
+    if "gpu" not in summary["machine"]:  # scored on the CPU: the pass sizes it chose
+        assert all(p["rows"] >= 1 for p in summary["machine"]["cpu_scoring_passes"])
     model = fm.checkpoint.load_model(out / "targets" / "2200" / "model.safetensors")
     assert fm.relu_count(model) == 2200
     assert yaml.safe_load((out / "config.yaml").read_text())["bcd"]["targets"] == [2600, 2200]

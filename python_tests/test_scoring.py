@@ -1,7 +1,8 @@
 """score_hypotheses against the plain loop (each candidate alone on a deep copy, model(images)): counts, losses,
 prefix sharing, chunking, early stop, the mask index of each group, polynomial sites, state left behind, the CPU's
-rows per pass, and the fused block path."""
+rows per pass (measured, never the reported cache size alone), and the fused block path."""
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 from helpers import randomize_batchnorm
 
 import fastmask as fm
-from fastmask import cpu_memory
+from fastmask import cpu_memory, report
 from fastmask.errors import FastmaskError
 from fastmask.ops import reference
-from fastmask.search import fused_forward, scoring
+from fastmask.search import cpu_pass, fused_forward, scoring
 from fastmask.search.scoring import first_differing_block, score_current, score_hypotheses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,18 @@ CLASSES = 10
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MEASURE = cpu_pass.measure  # the real measurement, for the tests of it
+
+
+@pytest.fixture(autouse=True)
+def largest_cpu_pass(monkeypatch):
+    """Tests here count the batches each block sees: the CPU pass size is pinned to the largest the call allows (no
+    timing forwards, no cut), except where a test puts the measurement back (MEASURE)."""
+    cpu_pass.forget()
+    monkeypatch.setattr(cpu_pass, "measure", lambda forward, sample, max_rows, cache_rows, where=None:
+                        cpu_pass.PassSize(cpu_pass.ladder(max_rows, cache_rows)[-1], {}, 0.0, cache_rows))
+    yield
+    cpu_pass.forget()
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -260,7 +273,7 @@ def test_chunking_gives_identical_results(arch):
         tiny = score_hypotheses(model, candidates, images, labels, batch_size=6, memory_budget_mb=1e-6)
     finally:
         recorder.close()
-    assert recorder.sizes[0] == [6, 6, 4] * 5, "a tiny budget means one candidate per chunk"
+    assert recorder.sizes[0] == [5, 5, 6] * 5, "a tiny budget means one candidate per chunk"
     pairs = score_hypotheses(model, candidates, images, labels, chunk_size=2)
     for other in (tiny, pairs):
         assert torch.equal(other.correct, whole.correct)
@@ -295,37 +308,160 @@ def test_memory_budget_sets_the_chunk(site, k, batch_sizes):
 # Candidates touch site 0 only (block 0): the stacked part starts at block 0, whose largest activation is the stem's
 # 4 x 8 x 8 output, so one row (image x candidate) keeps LIVE_ACTIVATIONS x 256 fp32 = 4 KiB live.
 ROW_BYTES = scoring.LIVE_ACTIVATIONS * 4 * IMAGE * IMAGE * 4
+VM_CACHE_BYTES = 480 * 2**20  # what a 2-core VM reported as its last-level cache: its host's whole L3
 
 
-@pytest.mark.parametrize("cache_rows, block0_sizes", [
-    (None, [4 * 8]),  # cache size unknown: the memory budget alone, all 4 candidates in one pass
-    (10**6, [4 * 8]),  # a large cache changes nothing
-    (17, [16, 16]),  # 17 rows: two candidates of 8 images a pass
-    (10, [8] * 4),  # one candidate a pass
-    (4, [4, 4] * 4),  # one candidate's 8 images are too many rows: the image batch is cut too
+def fake_timing(per_image, calls: list, unit: float = 1e-6):
+    """A stand-in for cpu_pass.seconds_per_image: the per-image time the test says each pass size takes, a dict or a
+    function of the rows (in `unit` seconds: microseconds keep the measurement within its time budget)."""
+    lookup = per_image if callable(per_image) else per_image.__getitem__
+
+    def seconds_per_image(forward, batch):
+        calls.append(batch.shape[0])
+        return unit * lookup(batch.shape[0])
+    return seconds_per_image
+
+
+@pytest.mark.parametrize("per_image_by_rows, tried, block0_sizes", [
+    # smaller is faster: from 128 up to 256 is slower, so down to 64 and 32; passes of 32 images, one candidate
+    ({32: 1.0, 64: 2.0, 128: 4.0, 256: 8.0}, [128, 256, 64, 32], [32, 32] * 4),
+    # 128 is fastest: two candidates of 64 images a pass
+    ({32: 3.0, 64: 2.0, 128: 1.0, 256: 1.5}, [128, 256, 64], [128, 128]),
+    # larger is faster up to the call's 256 rows: all four candidates in one pass
+    ({128: 2.0, 256: 1.0}, [128, 256], [256]),
+    # within 3% of the fastest counts as as fast: the smaller pass wins
+    ({128: 1.0, 256: 0.99}, [128, 256], [128, 128]),
 ])
-def test_cpu_passes_fit_the_last_level_cache(monkeypatch, cache_rows, block0_sizes):
-    cache = None if cache_rows is None else cache_rows * ROW_BYTES
-    monkeypatch.setattr(scoring, "last_level_cache_bytes", lambda: cache)
+def test_cpu_pass_follows_the_measurement_not_the_reported_cache(monkeypatch, per_image_by_rows, tried,
+                                                                 block0_sizes):
+    """A faked 480 MiB cache would allow every row of the call (4 candidates x 64 images) in one pass; the
+    measurement decides."""
+    monkeypatch.setattr(cpu_pass, "measure", MEASURE)
+    monkeypatch.setattr(cpu_pass, "last_level_cache_bytes", lambda: VM_CACHE_BYTES)
+    calls = []
+    monkeypatch.setattr(cpu_pass, "seconds_per_image", fake_timing(per_image_by_rows, calls))
     model = make_model("resnet18")
-    images, labels = make_data(8)
+    images, labels = make_data(64)
     candidates = sample_candidates(model, 4, size=20, sites=[0])
     recorder = BatchRecorder(model)
     try:
         scores = score_hypotheses(model, candidates, images, labels)
     finally:
         recorder.close()
+    assert calls == tried
     assert recorder.sizes[0] == block0_sizes
     assert_matches_plain(scores, candidates, model, images, labels)
+    [chosen] = cpu_pass.measured()
+    assert chosen["reported_cache_rows"] == VM_CACHE_BYTES // ROW_BYTES
+    assert chosen["max_rows"] == 4 * 64 and chosen["stacked_from_stage"] == 1
+    assert list(chosen["ms_per_image_by_rows"]) == [str(rows) for rows in sorted(tried)]
+
+
+def test_cpu_pass_is_measured_once_per_model_shape_and_reported(monkeypatch):
+    monkeypatch.setattr(cpu_pass, "measure", MEASURE)
+    calls = []
+    monkeypatch.setattr(cpu_pass, "seconds_per_image", fake_timing(lambda rows: rows, calls))  # smaller is faster
+    images, labels = make_data(64)
+    for seed in (0, 1):  # another model of the same shape: the choice is kept
+        model = make_model("resnet18", seed=seed)
+        score_hypotheses(model, sample_candidates(model, 4, size=20, sites=[0]), images, labels)
+    assert calls == [128, 256, 64, 32]
+    model = make_model("wide_resnet22_8")  # another shape: measured again
+    score_hypotheses(model, sample_candidates(model, 4, size=20, sites=[0]), images, labels)
+    assert calls == [128, 256, 64, 32] * 2
+    passes = report.machine()["cpu_scoring_passes"]
+    assert [p["model"] for p in passes] == ["ResNet18", "WideResNet22"] and {p["rows"] for p in passes} == {32}
+
+
+def test_write_report_records_the_pass_sizes_measured_during_the_run(monkeypatch, tmp_path):
+    import json
+    summary = {"machine": report.machine(), "targets": []}  # taken before scoring, as the pipeline does
+    assert "cpu_scoring_passes" not in summary["machine"]
+    monkeypatch.setattr(cpu_pass, "measure", MEASURE)
+    monkeypatch.setattr(cpu_pass, "seconds_per_image", fake_timing(lambda rows: rows, []))
+    model = make_model("resnet18")
+    images, labels = make_data(64)
+    score_hypotheses(model, sample_candidates(model, 4, size=20, sites=[0]), images, labels)
+    report.write_report(tmp_path, summary, [])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["rows"] for p in written["machine"]["cpu_scoring_passes"]] == [32]
+
+
+@pytest.mark.parametrize("n", [100, 64])
+def test_measured_pass_size_does_not_change_scores(monkeypatch, n):
+    """The smallest pass (32 rows: image batches cut to near-equal parts, one candidate a pass) against the largest
+    (every image of every candidate at once): bit for bit the same scores, with and without early stop."""
+    monkeypatch.setattr(cpu_pass, "measure", MEASURE)
+    model = make_model("resnet18")
+    images, labels = make_data(n)
+    candidates = sample_candidates(model, 6, size=60)
+    reference = score_current(model, images, labels)
+    results = {}
+    for name, per_image in {"smallest": lambda rows: rows, "largest": lambda rows: 1.0 / rows}.items():
+        cpu_pass.forget()
+        monkeypatch.setattr(cpu_pass, "seconds_per_image", fake_timing(per_image, []))
+        recorder = BatchRecorder(model)
+        try:
+            whole = score_hypotheses(model, candidates, images, labels)
+        finally:
+            recorder.close()
+        results[name] = (whole, recorder.sizes[0])
+        drops = whole.drop(reference)
+        adt = float(drops[3]) + 1e-9 if name == "smallest" else results["smallest"][2]
+        stopped = score_hypotheses(model, candidates, images, labels, reference=reference, adt=adt)
+        results[name] += (adt, stopped)
+    (small, small_sizes, _, small_stop), (large, large_sizes, _, large_stop) = results.values()
+    assert max(small_sizes) <= 32 and large_sizes == [6 * n], "the two runs must cut passes differently"
+    for field in ("correct", "accuracy", "loss"):
+        assert torch.equal(getattr(small, field), getattr(large, field)), field
+    assert small_stop.accepted == large_stop.accepted is not None
+    scored = min(small_stop.scored, large_stop.scored)
+    assert torch.equal(small_stop.loss[:scored], large_stop.loss[:scored])
+    assert_matches_plain(small, candidates, model, images, labels)
+
+
+def test_real_measurement_is_recorded_and_scores_match(monkeypatch):
+    monkeypatch.setattr(cpu_pass, "measure", MEASURE)
+    model = make_model("resnet18")
+    images, labels = make_data(64)
+    candidates = sample_candidates(model, 4, size=20, sites=[0])
+    scores = score_hypotheses(model, candidates, images, labels)
+    assert_matches_plain(scores, candidates, model, images, labels)
+    [chosen] = cpu_pass.measured()
+    tried = [int(rows) for rows in chosen["ms_per_image_by_rows"]]
+    assert cpu_pass.START_ROWS in tried and set(tried) <= set(cpu_pass.ladder(4 * 64, chosen["reported_cache_rows"]))
+    assert chosen["rows"] in tried and chosen["measure_seconds"] < 10 * cpu_pass.MEASURE_SECONDS
+
+
+@pytest.mark.parametrize("max_rows, cache_rows, sizes", [
+    (20, None, [20]),  # no more rows than the smallest pass: nothing to time
+    (256, None, [32, 64, 128, 256]),
+    (300, 100, [32, 64, 100, 128, 256, 300]),  # the reported cache adds a rung
+    (300, 10**6, [32, 64, 128, 256, 300]),  # ... clamped to what the call allows
+    (10**6, None, [32 * 2**i for i in range(8)]),  # never past MAX_ROWS
+])
+def test_ladder(max_rows, cache_rows, sizes):
+    assert cpu_pass.ladder(max_rows, cache_rows) == sizes
+
+
+def test_measurement_stays_within_its_time_budget(monkeypatch):
+    """A model so slow that any next size would take the measurement past MEASURE_SECONDS: it stops there."""
+    calls = []
+    slow = cpu_pass.MEASURE_SECONDS / (4 * 128)  # one 128-row pass is a quarter of the budget
+    monkeypatch.setattr(cpu_pass, "seconds_per_image", fake_timing(lambda rows: slow, calls, unit=1.0))
+    clock = itertools.chain([0.0], itertools.repeat(0.8 * cpu_pass.MEASURE_SECONDS))
+    monkeypatch.setattr(cpu_pass, "clock", lambda: next(clock))
+    chosen = MEASURE(lambda x: x, lambda: torch.zeros(8, 1), 256, None)
+    assert calls == [128] and chosen.rows == 128
 
 
 def test_cache_size_is_read_once_and_parsed():
-    assert scoring.last_level_cache_bytes() == scoring.last_level_cache_bytes()
-    size = scoring.last_level_cache_bytes()
+    assert cpu_pass.last_level_cache_bytes() == cpu_pass.last_level_cache_bytes()
+    size = cpu_pass.last_level_cache_bytes()
     assert size is None or size >= 2**10
-    assert scoring._parse_size("48K\n") == 48 * 2**10 and scoring._parse_size("32M") == 32 * 2**20
+    assert cpu_pass._parse_size("48K\n") == 48 * 2**10 and cpu_pass._parse_size("32M") == 32 * 2**20
     with pytest.raises(ValueError):
-        scoring._parse_size("lots")
+        cpu_pass._parse_size("lots")
 
 
 _KEEP_FREED_SCRIPT = """

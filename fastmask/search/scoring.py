@@ -3,21 +3,16 @@
 Candidates share every weight and differ only in masks, so the batch is the scoring images repeated K times
 ([K*N, ...]) and each MaskedReLU a candidate touches gets `hypotheses` [K, *shape]: image n uses mask n // N.
 Blocks before the first block any candidate touches run once at batch N and their output is expanded K times.
-K is cut into chunks whose activations fit a memory budget; on the CPU, chunk and image batch are also cut so one
-stacked pass fits the last-level cache, and freed activations stay in the process (cpu_memory). With a stop rule,
-chunks are scored in order and scoring stops after the first chunk holding a passing candidate, so the accepted one
-is the one a sequential loop would accept.
+K is cut into chunks whose activations fit a memory budget; on the CPU, chunk and image batch are also cut to the pass
+size that timing found fastest per image (cpu_pass), and freed activations stay in the process (cpu_memory). With a
+stop rule, chunks are scored in order and scoring stops after the first chunk holding a passing candidate, so the
+accepted one is the one a sequential loop would accept.
 Polynomial sites keep their coefficients on both paths: only the masks are stacked, the replacement is the site's.
 """
 from __future__ import annotations
 
-import functools
 import math
-import re
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,7 +24,7 @@ from ..distributed import Group
 from ..errors import FastmaskError
 from ..masks import MaskSet
 from ..ops import backends
-from . import fused_forward
+from . import cpu_pass, fused_forward
 
 CRITERIA = ("accuracy", "loss")
 # Activations live at once inside one block (input, conv output, intermediate, shortcut): the budget's multiplier.
@@ -65,6 +60,7 @@ class _Stages:
     """
 
     def __init__(self, model: nn.Module, mask_set: MaskSet, fused: bool):
+        self.fused = fused
         blocks = list(getattr(model, "blocks", []) or [])
         has_stages = blocks and callable(getattr(model, "stem", None)) and callable(getattr(model, "head", None))
         if has_stages:
@@ -157,11 +153,16 @@ def _accumulate(logits: torch.Tensor, labels: torch.Tensor, groups: int, correct
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+    """Batches of at most batch_size images, of near-equal sizes: no short last batch, which costs a pass for a few
+    images and may round differently on the CPU (see cpu_pass.MIN_ROWS), so that scores do not depend on where the
+    pass size cuts the images."""
     if batch_size < 1:
         raise FastmaskError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, images.shape[0], batch_size):
-        yield (images[start:start + batch_size].to(device, non_blocking=True),
-               labels[start:start + batch_size].to(device, non_blocking=True))
+    total = images.shape[0]
+    count = math.ceil(total / batch_size)
+    for index in range(count):
+        start, end = index * total // count, (index + 1) * total // count
+        yield images[start:end].to(device, non_blocking=True), labels[start:end].to(device, non_blocking=True)
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -204,7 +205,7 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
     stops after the first chunk holding a candidate whose drop < adt; `accepted` is the first such index.
     `memory_budget_mb` bounds one chunk's activations plus the kept outputs of the shared prefix (half each when
     there is a prefix; default: half the free GPU memory, torch's cache counted as free, or 512 MB on the CPU; on the
-    CPU, candidates per chunk and then images per batch are also cut so one stacked pass fits the last-level cache);
+    CPU, candidates per chunk and then images per batch are also cut to the pass size cpu_pass measured fastest);
     `fused` runs blocks through fastmask.ops.conv_bn_act (None: on CUDA when available); `chunk_size` caps the
     candidates per chunk below what the budget allows.
     With a `group` (torchrun), chunk i is scored by process i % size, a wave of `size` chunks at a time, and the
@@ -243,14 +244,15 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
     elements = _largest_activation(mask_set, stages, images, shared_from)
     row_bytes = LIVE_ACTIVATIONS * elements * images.element_size()
     chunk = _chunk_size(elements, row_bytes, batch_n, chunk_budget)
-    if device.type == "cpu":
-        batch_n, chunk = _fit_cpu_cache(row_bytes, batch_n, chunk)
     if chunk_size is not None:
         if chunk_size < 1:
             raise FastmaskError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = min(chunk, chunk_size)
     processes = 1 if group is None else group.size
     chunk = min(chunk, math.ceil(k / processes))
+    if device.type == "cpu":
+        rows = _cpu_pass_rows(model, mask_set, stages, shared_from, images, row_bytes, batch_n * chunk, group)
+        batch_n, chunk = _split_cpu_pass(rows, batch_n, chunk)
     prefix_cache = _PrefixCache(stages, shared_from, images, labels, batch_n, device, budget - chunk_budget)
 
     starts = list(range(0, k, chunk))
@@ -369,46 +371,37 @@ def _chunk_size(elements: int, row_bytes: int, batch_n: int, budget_bytes: float
 
 
 # ---- rows per stacked pass on the CPU -----------------------------------------------------------------------------
-def _fit_cpu_cache(row_bytes: int, batch_n: int, chunk: int) -> tuple[int, int]:
-    """(images per batch, candidates per chunk) so that one stacked pass keeps its live activations within the
-    CPU's last-level cache: past it every op streams its tensors through memory, and a width-16 resnet18 ran 2.1x
-    slower per image at 2,048 rows than at 128, losing to a plain loop at 128 images a forward. Candidates are cut
-    first (a smaller chunk also wastes less past an early stop), the image batch only when one candidate's batch
-    alone is too many rows. Unchanged where the cache size is unknown."""
-    cache = last_level_cache_bytes()
-    if cache is None:
-        return batch_n, chunk
-    rows = max(1, cache // max(1, row_bytes))
-    if batch_n >= rows:
+def _cpu_pass_rows(model: nn.Module, mask_set: MaskSet, stages: _Stages, shared_from: int, images: torch.Tensor,
+                   row_bytes: int, max_rows: int, group: Optional[Group]) -> int:
+    """Rows per stacked pass: cpu_pass's measurement of the stages from shared_from on, on the scoring images."""
+    threads = torch.get_num_threads()
+    parameters = sum(p.numel() for p in model.parameters())
+    key = (type(model).__qualname__, tuple(site.shape for site in mask_set.sites), parameters,
+           tuple(images.shape[1:]), images.dtype, shared_from, len(stages.body), stages.fused, threads, max_rows)
+    where = {"model": type(model).__name__, "parameters": parameters, "image": list(images.shape[1:]),
+             "dtype": str(images.dtype).removeprefix("torch."), "stacked_from_stage": shared_from,
+             "fused": stages.fused, "threads": threads, "max_rows": max_rows}
+    device = _model_device(model)
+
+    def sample() -> torch.Tensor:  # real inputs of the stacked part
+        x = images[:cpu_pass.MIN_ROWS].to(device)
+        for stage in stages.body[:shared_from]:
+            x = stage(x)
+        return x
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages.body[shared_from:]:
+            x = stage(x)
+        return stages.head(x)
+
+    with _ScoringMode(model), torch.inference_mode():
+        return cpu_pass.rows_per_pass(key, where, forward, sample, max_rows, row_bytes, group).rows
+
+
+def _split_cpu_pass(rows: int, batch_n: int, chunk: int) -> tuple[int, int]:
+    """(images per batch, candidates per chunk) for passes of at most `rows` rows, or one candidate's batch when
+    that is fewer. Candidates are cut first (a smaller chunk also wastes less past an early stop), the image batch
+    only when one candidate's batch alone is too many rows."""
+    if batch_n > rows:
         return rows, 1
     return batch_n, max(1, min(chunk, rows // batch_n))
-
-
-@functools.cache
-def last_level_cache_bytes() -> Optional[int]:
-    """Size of the largest data cache of this machine's CPU (read once per process); None where the OS does not
-    tell. Linux: sysfs for cpu0; macOS: sysctl."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "type").read_text().strip() != "Instruction":
-                sizes.append(_parse_size((index / "size").read_text()))
-        except (OSError, ValueError):
-            continue
-    if not sizes and sys.platform == "darwin":
-        for name in ("hw.l3cachesize", "hw.perflevel0.l2cachesize", "hw.l2cachesize"):
-            try:
-                out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout
-                sizes.append(int(out.strip()))
-            except (OSError, ValueError, subprocess.SubprocessError):
-                continue
-    sizes = [size for size in sizes if size > 0]
-    return max(sizes) if sizes else None
-
-
-def _parse_size(text: str) -> int:
-    """'48K', '2048K', '32M' (sysfs's cache sizes) -> bytes."""
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", text.strip(), flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"not a cache size: {text!r}")
-    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
