@@ -1,5 +1,9 @@
-"""Model set-ups several test files share."""
+"""Model set-ups and loaders several test files share."""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -28,3 +32,12 @@ def batchnorm_statistics_from(model: nn.Module, images: torch.Tensor) -> nn.Modu
     model.train()
     model(images)
     return model.eval()
+
+
+def bench_script(name: str) -> ModuleType:
+    """A script of bench/ (not a package) loaded as a module, e.g. bench_script("fidelity")."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,19 @@
 """bench/compare_runs.py: two run folders are the same when their masks, models (timings aside), step tables (timings
 aside) and target summaries are; any one of them differing is found."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import torch
+from helpers import bench_script
 
 import fastmask as fm
 from fastmask import report
 from fastmask.checkpoint import save_model
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "compare_runs.py"
-
 
 def compare_runs():
-    spec = importlib.util.spec_from_file_location("compare_runs", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("compare_runs")
 
 
 def make_run(folder: Path, seconds: float) -> Path:

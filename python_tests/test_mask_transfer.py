@@ -2,24 +2,19 @@
 masks give equal rows, and every budget both methods reached is measured."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers import bench_script
 from test_cli import TINY
 
 from fastmask import cli
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "mask_transfer.py"
-
 
 def mask_transfer():
-    spec = importlib.util.spec_from_file_location("mask_transfer", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("mask_transfer")
 
 
 @pytest.fixture(scope="module")
