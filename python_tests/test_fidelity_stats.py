@@ -4,27 +4,21 @@ the paper preset's), and a whole run of it on a tiny model."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import bench_script
 
 from fastmask.config import PRESETS, RunConfig, get, resolve, validate
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("fidelity")
 
 
 def row(method="BCD", seed=0, test=60.0, val=58.0, *, arm="default", budget=1500, train=100, forward=20,
