@@ -1,9 +1,15 @@
-"""ONNX export of a masked model in which every masked site evaluates Relu on its kept positions only.
+r"""ONNX export of a masked model in which every masked site evaluates Relu on its kept positions only.
 
 A PI runtime pays for each element that reaches a Relu node, so a site is lowered as
+    Flatten -> Gather(kept) -> Relu --\
+       \--------------------------------> Concat -> Gather(each position's source) -> Reshape
+(a removed position reads its own input: the identity), or, with the polynomial replacement, whose products are paid
+per element,
     Flatten -> Gather(kept) -> Relu ----------------------\
-            -> Gather(removed) -> identity or c0+c1x+c2x^2 --> Concat -> Gather(inverse permutation) -> Reshape
+            -> Gather(removed) -> c0 + c1 x + c2 x^2 ------> Concat -> Gather(inverse permutation) -> Reshape
 with the index tensors as Constant nodes (CrypTen turns integer initializers into Parameters and fails on them).
+The graph is kept small, since a runtime's interpreter pays per node: a site adds 8 nodes, sites of one shape share
+their Reshape's shape.
 No Where (it evaluates both branches), no ScatterElements and no Identity node (CrypTen's importer rejects both).
 BatchNorm is folded into the conv before it, or into the classifier; the one BN with neither (a pre-activation block's
 first BN, which reads a residual sum) becomes a per-channel Mul + Add.
@@ -85,6 +91,7 @@ class _Lowering:
         self.site_names = {id(module): name for name, module in masked_sites(model)}
         self.sites: list[dict] = []
         self.mask_tensors: dict[str, torch.Tensor] = {}
+        self.shapes: dict[tuple[int, ...], str] = {}
 
     def conv(self, x: str, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], hint: str) -> str:
         weight, bias = conv_bn(conv, bn)
@@ -134,18 +141,31 @@ class _Lowering:
         if kept_count == 0:
             return self.replacement(x, site, None, name)
         kept = np.flatnonzero(flat).astype(np.int64)
-        removed = np.flatnonzero(~flat).astype(np.int64)
-        inverse = np.empty(total, dtype=np.int64)
-        inverse[np.concatenate([kept, removed])] = np.arange(total, dtype=np.int64)
         flattened = g.op("Flatten", [x], name + "_flat", axis=1)
         relu_in = g.op("Gather", [flattened, g.constant(name + "_kept_idx", kept)], name + "_kept", axis=1)
         relu_out = g.op("Relu", [relu_in], name + "_relu")
-        rest = g.op("Gather", [flattened, g.constant(name + "_removed_idx", removed)], name + "_removed", axis=1)
-        replaced = self.replacement(rest, site, removed, name)
-        joined = g.op("Concat", [relu_out, replaced], name + "_concat", axis=1)
-        ordered = g.op("Gather", [joined, g.constant(name + "_inverse_idx", inverse)], name + "_ordered", axis=1)
-        shape = g.constant(name + "_shape", np.array([-1, *mask.shape], dtype=np.int64))
-        return g.op("Reshape", [ordered, shape], name + "_out")
+        if polynomial:  # the polynomial's products are paid per element: only the removed positions get one
+            removed = np.flatnonzero(~flat).astype(np.int64)
+            rest = g.op("Gather", [flattened, g.constant(name + "_removed_idx", removed)], name + "_removed", axis=1)
+            sources = [relu_out, self.replacement(rest, site, removed, name)]
+            source_of = np.empty(total, dtype=np.int64)
+            source_of[np.concatenate([kept, removed])] = np.arange(total, dtype=np.int64)
+        else:  # identity: a removed position reads its own input, a kept one its Relu output
+            sources = [flattened, relu_out]
+            source_of = np.arange(total, dtype=np.int64)
+            source_of[kept] = total + np.arange(kept_count, dtype=np.int64)
+        joined = g.op("Concat", sources, name + "_concat", axis=1)
+        ordered = g.op("Gather", [joined, g.constant(name + "_source_idx", source_of)], name + "_ordered", axis=1)
+        return g.op("Reshape", [ordered, self.shape_constant(mask.shape)], name + "_out")
+
+    def shape_constant(self, shape: tuple[int, ...]) -> str:
+        """One Constant per activation shape, shared by the sites of that shape: every node costs the runtime's graph
+        interpreter time, whatever it computes."""
+        key = tuple(int(s) for s in shape)
+        if key not in self.shapes:
+            self.shapes[key] = self.graph.constant("shape_" + "x".join(map(str, key)),
+                                                   np.array([-1, *key], dtype=np.int64))
+        return self.shapes[key]
 
     def replacement(self, x: str, site: MaskedReLU, removed: Optional[np.ndarray], name: str) -> str:
         """Identity (no node), or (c2 x + c1) x + c0 with per-element coefficients (per channel if removed is None).

@@ -1,0 +1,357 @@
+"""What one private inference of a masked model costs: bytes, rounds and latency, per two-party protocol and network.
+
+latency = local compute + rounds x round-trip time + bytes / bandwidth
+
+A model's cost follows from its Workload (what the protocol pays for: ReLUs kept per site, secret products of the
+polynomial replacement, linear layers) and a Protocol's unit costs:
+- bytes  = fixed + per kept ReLU + per secret product + (secret weights) per linear-layer element;
+- rounds = fixed + per site that still holds a ReLU + per site with secret products + (secret weights) per linear
+  layer. A site whose mask is all zero costs no round: emptying a site is what buys latency on a slow network, while
+  the last few ReLUs of a site are nearly free in bytes.
+The measured protocols' unit costs are fitted from fastmask-pi runs (bench/pi_cost.py re-fits them and prints the
+residuals; bench/PI.md holds the fit); the garbled-circuit profile is taken from published figures, cited below.
+`fastmask-pi --predict` prints these predictions without running the two parties.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import FastmaskError
+
+
+# ---- networks ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Network:
+    """A link between client and server: bandwidth in megabits per second, round-trip time in milliseconds."""
+
+    name: str
+    bandwidth_mbit: float
+    rtt_ms: float
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.bandwidth_mbit:g} Mbit/s, {self.rtt_ms:g} ms RTT)"
+
+
+# The settings of the issue tracker's own arithmetic and of common PI evaluations: a data-centre LAN and a cross-country
+# WAN. Override with --network BANDWIDTH_MBIT,RTT_MS.
+NETWORKS = {"lan": Network("lan", 1000.0, 0.5), "wan": Network("wan", 100.0, 40.0)}
+
+
+def parse_network(text: str) -> Network:
+    """'lan', 'wan', or 'BANDWIDTH_MBIT,RTT_MS' (e.g. '200,20')."""
+    key = str(text).strip().lower()
+    if key in NETWORKS:
+        return NETWORKS[key]
+    parts = key.split(",")
+    try:
+        bandwidth, rtt = (float(p) for p in parts)
+    except ValueError:
+        raise FastmaskError(f"--network takes {', '.join(NETWORKS)} or BANDWIDTH_MBIT,RTT_MS (e.g. 200,20); got "
+                            f"{text!r}") from None
+    if not (bandwidth > 0 and rtt >= 0 and math.isfinite(bandwidth) and math.isfinite(rtt)):
+        raise FastmaskError(f"--network needs a bandwidth > 0 Mbit/s and a round-trip time >= 0 ms; got {text!r}")
+    return Network(f"{bandwidth:g}Mbit/{rtt:g}ms", bandwidth, rtt)
+
+
+# ---- protocols --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    """Unit costs of one two-party protocol in one weight mode, for one image. `rounds` are communication rounds (for
+    a runtime that reports send actions instead, those). Seconds are the local compute of the two parties on one
+    CPU core each, fitted from localhost runs (None where not measured: latency then counts communication only)."""
+
+    name: str
+    runtime: str
+    dealer: bool
+    secret_weights: bool
+    bytes_per_relu: float
+    rounds_per_site: float
+    bytes_fixed: float = 0.0
+    rounds_fixed: float = 0.0
+    bytes_per_product: float = 0.0
+    rounds_per_product_site: float = 0.0
+    bytes_per_linear_element: float = 0.0
+    rounds_per_linear_layer: float = 0.0
+    setup_bytes: float = 0.0
+    offline_bytes_per_relu: float = 0.0
+    seconds_fixed: Optional[float] = None
+    seconds_per_relu: float = 0.0
+    seconds_per_site: float = 0.0
+    source: str = ""
+
+
+# CrypTen 0.4.1, two processes on localhost, one image at a time (fastmask.pi.two_party), fitted by bench/pi_cost.py
+# on three resnet18 models with different masks (bench/PI.md: every residual of bytes and rounds is 0). Public
+# weights: 464 bytes per kept ReLU, 9 rounds per site holding one, 80 bytes and 1 round to reveal the logits; a
+# secret product (x * x of the polynomial) costs 32 bytes and 1 round per site. Secret weights add, per conv or
+# linear layer, 1 round and 16 bytes per element of its input and weight (Beaver: both parties open x - a and w - b).
+CRYPTEN_PUBLIC = Protocol(
+    name="crypten-public", runtime="crypten", dealer=True, secret_weights=False, bytes_per_relu=464.0,
+    rounds_per_site=9.0, bytes_fixed=80.0, rounds_fixed=1.0, bytes_per_product=32.0, rounds_per_product_site=1.0,
+    seconds_fixed=0.05, seconds_per_relu=2.0e-6, seconds_per_site=0.03,
+    source="fitted from CrypTen 0.4.1 runs (bench/pi_cost.py, bench/PI.md)")
+CRYPTEN_SECRET = dataclasses.replace(
+    CRYPTEN_PUBLIC, name="crypten-secret", secret_weights=True, bytes_per_linear_element=16.0,
+    rounds_per_linear_layer=1.0, bytes_per_product=63.5, rounds_per_product_site=2.0, seconds_fixed=0.2)
+
+# Garbled circuits for the ReLUs and secret sharing for the linear layers, server as garbler (Delphi's protocol).
+# Per-ReLU figures from the measurements of Delphi's code in Garimella et al., "Characterizing and Optimizing End-to-
+# End Systems for Private Inference", ASPLOS 2023, artifact github.com/kvgarimella/cryptonite,
+# simulator/experiments/utils/cifar10_server_garbler_utils_r18.py (ResNet-18 on CIFAR-10, 557,056 ReLUs; per ReLU
+# = their totals / 557,056): online 1,184 bytes (the ReLU layers' messages) and 18.3 us of client compute; offline
+# 17,072 bytes of garbled tables + 2,016 of OT extension. The rounds per ReLU layer are constant in a garbled
+# circuit; the figure of 2 (labels by OT, output shares) is this profile's assumption, not a measurement.
+GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weights=False, bytes_per_relu=1184.0,
+              rounds_per_site=2.0, bytes_fixed=0.0, rounds_fixed=1.0, offline_bytes_per_relu=17072.0 + 2016.0,
+              seconds_fixed=0.0, seconds_per_relu=18.3e-6,
+              source="published: Garimella et al., ASPLOS 2023 (Delphi's code measured); rounds assumed")
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CRYPTEN_PUBLIC, CRYPTEN_SECRET, GC)}
+DEFAULT_PROTOCOL = "crypten-public"
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise FastmaskError(f"--protocol takes {', '.join(PROTOCOLS)}; got {name!r}")
+    return PROTOCOLS[name]
+
+
+# ---- workloads --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearLayer:
+    """One conv or linear layer, per image: its input's and weight's element counts and its multiply-accumulates."""
+
+    name: str
+    input_elements: int
+    weight_elements: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a protocol pays for in one inference: kept ReLUs per site, secret products per site (the polynomial's
+    x * x on its removed positions), and the linear layers."""
+
+    kept: tuple[int, ...]
+    products: tuple[int, ...]
+    linear: tuple[LinearLayer, ...]
+    site_names: tuple[str, ...] = ()
+
+    @property
+    def relus(self) -> int:
+        return sum(self.kept)
+
+    @property
+    def sites(self) -> int:
+        """Sites that still hold a ReLU: each costs its rounds."""
+        return sum(1 for k in self.kept if k > 0)
+
+    @property
+    def product_sites(self) -> int:
+        return sum(1 for p in self.products if p > 0)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.linear)
+
+    def with_kept(self, kept: Sequence[int]) -> "Workload":
+        """The same model with other per-site kept counts (for what-if costs in the search)."""
+        if len(kept) != len(self.kept):
+            raise FastmaskError(f"with_kept: {len(kept)} counts for {len(self.kept)} sites")
+        return dataclasses.replace(self, kept=tuple(int(k) for k in kept))
+
+
+def _input_shape(model: nn.Module, image_shape: Optional[Sequence[int]]) -> tuple[int, ...]:
+    if image_shape is not None:
+        return tuple(int(s) for s in image_shape)
+    spec = getattr(model, "fastmask_spec", None) or {}
+    if "image_size" not in spec:
+        raise FastmaskError("workload: the model has no fastmask spec; pass image_shape=(C, H, W)")
+    return (int(spec.get("in_channels", 3)), int(spec["image_size"]), int(spec["image_size"]))
+
+
+def workload(model: nn.Module, image_shape: Optional[Sequence[int]] = None) -> Workload:
+    """The model's Workload, from its masks and one forward pass of a zero image (hooks record each conv and linear
+    layer's sizes). Works for any model whose ReLU sites are MaskedReLU modules."""
+    from .nn import masked_sites
+
+    sites = masked_sites(model)
+    kept, products = [], []
+    for _, site in sites:
+        mask = site.mask.detach()
+        kept.append(int(mask.sum()))
+        if site.coeffs is None:
+            products.append(0)
+            continue
+        quadratic = (site.coeffs.detach()[:, 2] != 0).view(-1, *([1] * (mask.dim() - 1)))
+        products.append(int((~mask & quadratic).sum()))
+    layers: list[LinearLayer] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def record(module, args, output):
+        x = args[0]
+        weight = module.weight
+        if isinstance(module, nn.Conv2d):
+            per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]
+            macs = int(output[0].numel()) * int(per_output)
+        else:
+            macs = int(output[0].numel()) * int(weight.shape[1])
+        layers.append(LinearLayer(names.get(id(module), type(module).__name__), int(x[0].numel()),
+                                  int(weight.numel()), macs))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *_input_shape(model, image_shape), device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return Workload(tuple(kept), tuple(products), tuple(layers), tuple(n for n, _ in sites))
+
+
+# ---- predictions ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """One inference's predicted cost under a protocol: online bytes and rounds (what a user waits for), local
+    compute seconds, the one-time setup bytes and the per-inference preprocessing (offline) bytes."""
+
+    protocol: str
+    bytes: float
+    rounds: float
+    seconds_compute: Optional[float]
+    setup_bytes: float = 0.0
+    offline_bytes: float = 0.0
+
+    def latency(self, network: Network) -> float:
+        """Seconds for one inference on `network`: local compute + rounds x RTT + bytes / bandwidth."""
+        communication = self.rounds * network.rtt_ms / 1e3 + self.bytes * 8.0 / (network.bandwidth_mbit * 1e6)
+        return communication + (self.seconds_compute or 0.0)
+
+
+def predict(load: Workload, protocol: Protocol) -> Cost:
+    """The protocol's bytes, rounds and local compute for one inference of the workload."""
+    p = protocol
+    bytes_ = p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_product * sum(load.products)
+    rounds = p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_product_site * load.product_sites
+    if p.secret_weights:
+        bytes_ += p.bytes_per_linear_element * sum(l.input_elements + l.weight_elements for l in load.linear)
+        rounds += p.rounds_per_linear_layer * len(load.linear)
+    seconds = None
+    if p.seconds_fixed is not None:
+        seconds = p.seconds_fixed + p.seconds_per_relu * load.relus + p.seconds_per_site * load.sites
+    return Cost(p.name, bytes_, rounds, seconds, p.setup_bytes, p.offline_bytes_per_relu * load.relus)
+
+
+def latency(load: Workload, protocol: Protocol, network: Network) -> float:
+    return predict(load, protocol).latency(network)
+
+
+def site_saving(protocol: Protocol, network: Network) -> tuple[float, float]:
+    """(seconds a kept ReLU costs, seconds a site holding any ReLU costs) on the network: what the search weighs a
+    removal by. Emptying a site saves the second on top of the first."""
+    per_relu = protocol.bytes_per_relu * 8.0 / (network.bandwidth_mbit * 1e6) + protocol.seconds_per_relu
+    per_site = protocol.rounds_per_site * network.rtt_ms / 1e3 + protocol.seconds_per_site
+    return per_relu, per_site
+
+
+def summary(load: Workload, protocols: Sequence[str] = tuple(PROTOCOLS),
+            networks: Mapping[str, Network] = NETWORKS) -> dict:
+    """The cost columns of a report row: ReLUs, sites holding one, plaintext MACs, and per protocol its bytes,
+    rounds and latency on each network."""
+    row: dict = {"relus": load.relus, "sites": load.sites, "macs": load.macs, "protocols": {}}
+    for name in protocols:
+        cost = predict(load, get_protocol(name))
+        row["protocols"][name] = {"bytes": round(cost.bytes), "rounds": round(cost.rounds, 2),
+                                  **{f"{net}_seconds": round(cost.latency(network), 4)
+                                     for net, network in networks.items()}}
+    return row
+
+
+# ---- fitting ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """One measured run: the workload, its protocol name, and bytes, rounds and seconds per image."""
+
+    load: Workload
+    protocol: str
+    bytes: float
+    rounds: float
+    seconds: Optional[float] = None
+
+
+def _lstsq(rows: list[list[float]], values: list[float]) -> list[float]:
+    a = torch.tensor(rows, dtype=torch.float64)
+    b = torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution.squeeze(1).tolist()
+
+
+def _non_negative_lstsq(rows: list[list[float]], values: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0 (a unit cost is never negative; timings on a busy machine can make
+    a plain fit say so): columns whose coefficient comes out negative are dropped (set to 0) and the rest refitted."""
+    active = list(range(len(rows[0])))
+    while active:
+        solution = _lstsq([[row[j] for j in active] for row in rows], values)
+        negative = [j for j, v in zip(active, solution) if v < 0]
+        if not negative:
+            result = [0.0] * len(rows[0])
+            for j, v in zip(active, solution):
+                result[j] = v
+            return result
+        active.remove(min(negative, key=lambda j: solution[active.index(j)]))
+    return [0.0] * len(rows[0])
+
+
+def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, list[dict]]:
+    """Refits `base`'s units from runs of that protocol by least squares: bytes on (1, kept ReLUs, secret products),
+    rounds on (1, sites holding a ReLU, sites with products), compute seconds on (1, kept ReLUs, sites) when the runs
+    were timed; product units only when some run has products. The linear-layer units (secret weights) are constant
+    for one architecture, so they are kept from `base` and subtracted first. Returns the fitted protocol and every
+    run's prediction and error in percent."""
+    runs = [m for m in measurements if m.protocol == base.name]
+    if len(runs) < 3:
+        raise FastmaskError(f"fit: {base.name} needs at least 3 runs with different masks, got {len(runs)}")
+    with_products = any(sum(m.load.products) for m in runs)
+    linear_only = dataclasses.replace(base, bytes_per_relu=0.0, rounds_per_site=0.0, bytes_fixed=0.0,
+                                      rounds_fixed=0.0, bytes_per_product=0.0, rounds_per_product_site=0.0,
+                                      seconds_fixed=None)
+    rest = [predict(m.load, linear_only) for m in runs]
+    bytes_units = _lstsq([[1.0, m.load.relus] + ([sum(m.load.products)] if with_products else []) for m in runs],
+                         [m.bytes - r.bytes for m, r in zip(runs, rest)])
+    rounds_units = _lstsq([[1.0, m.load.sites] + ([m.load.product_sites] if with_products else []) for m in runs],
+                          [m.rounds - r.rounds for m, r in zip(runs, rest)])
+    fitted = dataclasses.replace(base, bytes_fixed=bytes_units[0], bytes_per_relu=bytes_units[1],
+                                 rounds_fixed=rounds_units[0], rounds_per_site=rounds_units[1])
+    if with_products:
+        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[2], rounds_per_product_site=rounds_units[2])
+    timed = [m for m in runs if m.seconds is not None]
+    if len(timed) >= 3:
+        s_fixed, s_relu, s_site = _non_negative_lstsq([[1.0, m.load.relus, m.load.sites] for m in timed],
+                                                      [m.seconds for m in timed])
+        fitted = dataclasses.replace(fitted, seconds_fixed=s_fixed, seconds_per_relu=s_relu,
+                                     seconds_per_site=s_site)
+    return fitted, residuals(runs, fitted)
+
+
+def residuals(runs: Sequence[Measurement], protocol: Protocol) -> list[dict]:
+    """Each run's measured and predicted bytes and rounds, and the prediction's error in percent."""
+    rows = []
+    for m in runs:
+        cost = predict(m.load, protocol)
+        rows.append({"relus": m.load.relus, "sites": m.load.sites, "products": sum(m.load.products),
+                     "bytes": m.bytes, "rounds": m.rounds, "seconds": m.seconds,
+                     "predicted_bytes": cost.bytes, "predicted_rounds": cost.rounds,
+                     "predicted_seconds": cost.seconds_compute,
+                     "bytes_error_percent": 100.0 * (cost.bytes - m.bytes) / m.bytes,
+                     "rounds_error_percent": 100.0 * (cost.rounds - m.rounds) / m.rounds})
+    return rows
