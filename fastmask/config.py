@@ -24,6 +24,7 @@ REPLACEMENTS = ("identity", "polynomial")
 PROPOSALS = ("uniform", "informed")
 SCORINGS = ("exact", "race")
 STEP_SCHEDULES = ("fresh", "continuous")
+COSTS = ("relus", "latency")
 
 
 def setting(default: Any, help: str, kind: Callable = str, check: Optional[Callable] = None,
@@ -60,6 +61,28 @@ def budgets(value: Any) -> list[int]:
             scale = 1000 if text.endswith("k") else 1
             result.append(whole(float(text[:-1] if scale > 1 else text) * scale))
     return result
+
+
+def seconds_list(value: Any) -> list[float]:
+    """"2.5,1.8", "2.5s,1.8s" or [2.5, 1.8] -> [2.5, 1.8]."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    return [number(str(item).strip().lower().removesuffix("s")) for item in items if str(item).strip()]
+
+
+def known_network(value: str) -> Optional[str]:
+    from .cost import parse_network
+
+    try:
+        parse_network(value)
+    except FastmaskError as err:
+        return str(err).replace("--network takes ", "must be ")
+    return None
+
+
+def known_protocol(value: str) -> Optional[str]:
+    from .cost import PROTOCOLS
+
+    return None if value in PROTOCOLS else f"must be one of {', '.join(PROTOCOLS)}"
 
 
 def positive(value) -> Optional[str]:
@@ -157,10 +180,28 @@ class BCDConfig:
                            choices=SCORINGS)
     race_eta: int = setting(2, "race: keep 1/eta of the candidates per round, eta times the images",
                             kind=whole, check=lambda v: None if v >= 2 else "must be >= 2")
+    cost: str = setting("relus", "what a removal is weighed by: relus (every ReLU alike), or latency: the predicted "
+                                 "private-inference latency on --network under --protocol (fastmask.cost), where "
+                                 "emptying a site saves its rounds", choices=COSTS)
+    network: str = setting("wan", "the network latencies are predicted on: lan, wan, or BANDWIDTH_MBIT,RTT_MS",
+                           check=known_network)
+    protocol: str = setting("crypten-public", "the two-party protocol latencies are predicted for (fastmask.cost."
+                                              "PROTOCOLS)", check=known_protocol)
+    latency_targets: Optional[list[float]] = setting(
+        None, "targets as predicted latencies in seconds (on --network under --protocol), strictly descending, "
+              "instead of --targets: each is saved when the prediction first falls to it (--method bcd)",
+        kind=seconds_list, check=lambda v: descending_non_negative(v) or (None if all(t > 0 for t in v) else
+                                                                          "must be > 0"))
 
     def validate(self, start_count: int) -> None:
-        """The checks that need the model: targets given and below the count BCD starts from."""
+        """The checks that need the model: targets given and below the count BCD starts from (latency targets are
+        checked by the driver, which prices the model)."""
         check(self)
+        if self.targets and self.latency_targets:
+            raise FastmaskError("give BCD's targets as ReLU budgets (--targets) or as latencies (--latency-targets), "
+                                "not both")
+        if self.latency_targets:
+            return
         if not self.targets:
             raise FastmaskError("BCD needs at least one target ReLU budget: --targets is required (e.g. --targets "
                                 "20000,15000)")
@@ -368,6 +409,8 @@ def resolve(flags: Mapping[str, Any], yaml_values: Mapping[str, Any] = {}, prese
         # A given model fixes the architecture; a preset's arch/width only describe the model it would train.
         chosen.pop("model.arch", None)
         chosen.pop("model.width", None)
+    if given.get("bcd.latency_targets") is not None:  # targets given as latencies replace the preset's budgets
+        chosen.pop("bcd.targets", None)
     chosen.update(given)
     for path, value in chosen.items():
         put(config, path, value)
@@ -378,6 +421,9 @@ def validate(config: RunConfig) -> RunConfig:
     """Checks across settings that need no model (the model-dependent ones: BCDConfig.validate)."""
     check(config)
     targets, ref = config.bcd.targets, config.snl.ref_budget
+    if config.bcd.latency_targets and config.method != "bcd":
+        raise FastmaskError(f"--latency-targets are BCD's (--method bcd); SNL takes ReLU budgets: give --method "
+                            f"{config.method} its --targets")
     if targets and ref is not None and targets[0] >= ref:
         raise FastmaskError(f"target {targets[0]} is at or above the reference budget {ref}; give targets below "
                             "--ref-budget")

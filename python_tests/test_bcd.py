@@ -314,6 +314,9 @@ def changed(setting: dataclasses.Field, value):
     """Another valid value of a BCD setting."""
     if setting.metadata["choices"]:
         return next(choice for choice in setting.metadata["choices"] if choice != value)
+    other = {"network": "lan", "protocol": "gc-delphi", "latency_targets": [1.0]}
+    if setting.name in other:
+        return other[setting.name]
     if isinstance(value, list):
         return [value[0] - 10]
     return value + 1 if isinstance(value, int) else value * 2
@@ -495,3 +498,72 @@ def test_driver_on_cuda_lands_on_the_target(tmp_path, data, monkeypatch):
     with pytest.warns(RuntimeWarning):
         result = driver.run()
     assert MaskSet(model).count() == 700 and [t["budget"] for t in result.targets] == [700]
+
+
+# ---- --cost latency and latency targets (fastmask.search.pricing) --------------------------------------------------
+def few_in_last_site(model, kept_last: int = 5):
+    """Every site full but the last, which keeps `kept_last` ReLUs: a site worth emptying on a slow network."""
+    last = MaskSet(model).sites[-1]
+    flat = torch.zeros(last.mask.numel(), dtype=torch.bool)
+    flat[:kept_last] = True
+    last.mask.copy_(flat.view(last.mask.shape))
+    return model
+
+
+@pytest.mark.parametrize("proposal", ["informed", "uniform"])
+def test_latency_cost_empties_the_small_site_that_counting_relus_leaves(tmp_path, data, proposal):
+    images, labels = data
+    counts = {}
+    for cost_name in ("relus", "latency"):
+        model = few_in_last_site(tiny_model())
+        start = MaskSet(model).count()
+        config = BCDConfig(targets=[start - 100], drc=100, rt=2, adt=100.0, cost=cost_name, proposal=proposal)
+        BCD(model, config, images, labels, sgd_finetune(images, labels), tmp_path / cost_name,
+            log=lambda m: None).run()
+        counts[cost_name] = [site.relu_count() for site in MaskSet(model).sites]
+    assert counts["relus"][-1] > 0  # 5 of 955 present ReLUs: candidates of 100 rarely take all five
+    assert counts["latency"][-1] == 0  # emptying the site saves its rounds: within ADT, the largest saving wins
+    assert sum(counts["latency"]) == sum(counts["relus"])  # both land on the budget
+
+
+def test_latency_targets_are_saved_when_the_prediction_falls_to_them(tmp_path, data):
+    from fastmask.search.pricing import LatencyPricing, kept_per_site
+
+    images, labels = data
+    model = few_in_last_site(tiny_model(), kept_last=40)
+    pricing = LatencyPricing.of(model, "crypten-public", "wan")
+    start = pricing.latency(kept_per_site(MaskSet(model)))
+    per_relu, per_site = pricing.per_relu_and_site()
+    goals = [start - 0.5 * per_site, start - 1.5 * per_site]  # one emptied site, then two
+    config = BCDConfig(latency_targets=goals, drc=100, rt=2, adt=100.0, cost="latency")
+    calls = []
+    driver = BCD(model, config, images, labels, sgd_finetune(images, labels), tmp_path, log=lambda m: None,
+                 target_finetune=lambda m, step: calls.append(step) or {"val_acc": 1.0, "train_images": 0})
+    result = driver.run()
+    assert [t["latency_target"] for t in result.targets] == goals
+    for entry in result.targets:
+        assert entry["latency_seconds"] <= entry["latency_target"]
+        assert (tmp_path / "targets" / str(entry["budget"]) / "model.safetensors").is_file()
+    assert pricing.latency(kept_per_site(MaskSet(model))) <= goals[-1]
+    assert sum(1 for k in kept_per_site(MaskSet(model)) if k == 0) >= 2
+    assert all("latency_seconds" in row and "sites" in row for row in result.history)
+    assert len(calls) == len({t["step"] for t in result.targets})  # one target finetune per landing step
+
+
+@pytest.mark.parametrize("goal, message", [(100.0, "at or above the predicted latency BCD starts from"),
+                                           (1e-6, "below what the model costs with no ReLU at all")])
+def test_latency_targets_out_of_reach_are_one_line(tmp_path, data, goal, message):
+    images, labels = data
+    config = BCDConfig(latency_targets=[goal], drc=100, rt=2, cost="latency")
+    with pytest.raises(FastmaskError, match=message) as caught:
+        BCD(tiny_model(), config, images, labels, sgd_finetune(images, labels), tmp_path, log=lambda m: None).run()
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / bcd.STATE_FILE).exists()
+
+
+def test_choose_by_saving():
+    from fastmask.search.pricing import choose_by_saving
+
+    assert choose_by_saving([0.1, 0.2, 0.5], [1.0, 3.0, 9.0], adt=0.3) == (1, False)  # within ADT: most saved
+    assert choose_by_saving([0.6, 2.0, math.nan], [1.0, 10.0, 50.0], adt=0.3) == (1, True)  # least drop per second
+    assert choose_by_saving([-0.1, 0.0], [2.0, 2.0], adt=0.3) == (0, False)  # ties: the earlier

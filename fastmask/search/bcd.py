@@ -32,6 +32,7 @@ from ..errors import FastmaskError
 from ..files import atomic_write
 from ..masks import MaskSet
 from .compute import images_spent
+from .pricing import LatencyPricing, choose_by_saving, kept_per_site
 from .proposal import propose, removal_costs
 from .racing import race
 from .scoring import score_current, score_hypotheses
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
     from .. import train
 
 # 2: the search settings (proposal, scoring, ...) and the scoring subset are in the fingerprint; 3: the target
-# finetune; 4: the fingerprint is every BCD setting (the options that measured nothing are gone)
-STATE_VERSION = 4
+# finetune; 4: the fingerprint is every BCD setting (the options that measured nothing are gone); 5: the cost settings
+# (--cost, --network, --protocol, --latency-targets)
+STATE_VERSION = 5
 STATE_FILE = Path("checkpoints") / "last.pt"
 # ADT below this many standard errors of the scoring subset's accuracy picks candidates on noise (calibration note).
 NOISE_STANDARD_ERRORS = 2.0
@@ -193,6 +195,9 @@ class BCD:
         self.targets_done: list[dict] = []
         self.warned: list[str] = []
         self.done = False
+        # The latency model, when removals are weighed by latency or targets are latencies.
+        self.pricing = (LatencyPricing.of(model, config.protocol, config.network)
+                        if config.cost == "latency" or config.latency_targets else None)
 
     @property
     def step(self) -> int:
@@ -227,14 +232,50 @@ class BCD:
         self.config.validate(self.mask_set.count() if not self.history else self.history[0]["budget_before"])
         if self.mask_set.carries_alphas():
             raise FastmaskError("the model still carries SNL alphas; binarize them before BCD")
+        if self.config.latency_targets and not self.history:
+            self._check_latency_targets()
         while not self.done:
             count = self.mask_set.count()
-            if count <= int(self.config.targets[-1]):
+            if self._finished(count):
                 self.done = True
                 self._save_state()
                 break
             self._one_step(count)
         return BCDResult(self.history, self.targets_done, self.warned, time.perf_counter() - started)
+
+    # ---- targets: ReLU budgets, or predicted latencies -----------------------------------------------------
+    def latency(self) -> Optional[float]:
+        """The current masks' predicted latency in seconds (None without a latency model)."""
+        return None if self.pricing is None else self.pricing.latency(kept_per_site(self.mask_set))
+
+    def _check_latency_targets(self) -> None:
+        start, floor = self.latency(), self.pricing.floor()
+        first, last = self.config.latency_targets[0], self.config.latency_targets[-1]
+        where = self.pricing.describe()
+        if first >= start:
+            raise FastmaskError(f"latency target {first:g}s is at or above the predicted latency BCD starts from "
+                                f"({start:.3f}s, {where}); give targets below it")
+        if last < floor:
+            raise FastmaskError(f"latency target {last:g}s is below what the model costs with no ReLU at all "
+                                f"({floor:.3f}s, {where}); give targets above it")
+
+    def _finished(self, count: int) -> bool:
+        if self.config.latency_targets:
+            return count == 0 or self.latency() <= self.config.latency_targets[-1]
+        return count <= int(self.config.targets[-1])
+
+    def _plan(self, count: int) -> tuple[float, int]:
+        """(the next target, ReLUs a step removes): a budget target is landed on exactly; a latency target is
+        passed by whole steps."""
+        if self.config.latency_targets:
+            latency = self.latency()
+            return next(t for t in self.config.latency_targets if t < latency), min(int(self.config.drc), count)
+        return plan_removal(count, self.config.targets, self.config.drc)
+
+    def _landed(self, target: float) -> bool:
+        if self.config.latency_targets:
+            return self.latency() <= target
+        return self.mask_set.count() == target
 
     def _warn_once_if_noisy(self, reference: tuple[float, float]) -> float:
         standard_error = accuracy_standard_error(reference[0], int(self.labels.shape[0]))
@@ -251,7 +292,7 @@ class BCD:
     # ---- one step: measure, choose, apply, record ------------------------------------------------------------
     def _one_step(self, count: int) -> None:
         step = self.step + 1
-        target, remove = plan_removal(count, self.config.targets, self.config.drc)
+        target, remove = self._plan(count)
         last_good = copy.deepcopy(self.model.state_dict())
         t0 = time.perf_counter()
         measured = self._measure(step, remove)
@@ -290,7 +331,7 @@ class BCD:
         self.mask_set.remove(chosen)
         tuned = self._finetune(self.finetune, step, last_good)
         step_images, target_images = int(tuned.get("train_images", 0)), 0
-        if self.mask_set.count() == target and self.target_finetune is not None:  # measured after this one
+        if self._landed(target) and self.target_finetune is not None:  # measured after this one
             tuned = self._finetune(self.target_finetune, step, last_good)
             target_images = int(tuned.get("train_images", 0))
         if self.group is not None:
@@ -319,17 +360,28 @@ class BCD:
             "target_finetune_images": target_images,
             "seconds_scoring": t1 - t0, "seconds_finetune": t2 - t1, "seconds": t2 - t0,
         }
+        latency = self.latency()
+        if latency is not None:
+            record["latency_seconds"] = latency
+            record["sites"] = sum(1 for k in kept_per_site(self.mask_set) if k > 0)
         self.history.append(record)
-        if budget == target:
+        if self.config.latency_targets:
+            reached = {t["latency_target"] for t in self.targets_done}
+            for goal in self.config.latency_targets:
+                if goal not in reached and latency <= goal:
+                    self._save_target(budget, latency_target=goal)
+        elif budget == target:
             self._save_target(target)
         self._save_state()
         val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.2f}%"
         picked = "one candidate, taken unscored" if not choice.scored else \
             (f"{'fallback' if choice.fallback else 'accepted'} drop {drop:+.3f} after {choice.scored}/"
              f"{len(measured.candidates)} tries")
-        self.log(f"BCD step {step}: {count} -> {budget} ReLUs (target {target}); reference {reference[0]:.2f}% "
-                 f"(+-{measured.standard_error:.2f}); {picked}; val {val}; {t1 - t0:.1f}s scoring + "
-                 f"{t2 - t1:.1f}s finetune")
+        goal = f"{target:g}s" if self.config.latency_targets else str(target)
+        predicted = "" if latency is None else f", predicted {latency:.3f}s over {record['sites']} sites"
+        self.log(f"BCD step {step}: {count} -> {budget} ReLUs{predicted} (target {goal}); reference "
+                 f"{reference[0]:.2f}% (+-{measured.standard_error:.2f}); {picked}; val {val}; {t1 - t0:.1f}s "
+                 f"scoring + {t2 - t1:.1f}s finetune")
         if self.on_step is not None and self.is_main:
             self.on_step(record, self)
 
@@ -348,34 +400,65 @@ class BCD:
                                 ) from err
 
     def _candidates(self, remove: int) -> tuple[list[torch.Tensor], int]:
-        """(RT candidates, images the proposal trained through)."""
+        """(RT candidates, images the proposal trained through); with --cost latency, drawn by cost per second
+        saved, with a site-emptying candidate added and all ordered by the latency they save (fastmask.search.
+        pricing)."""
         config = self.config
+        weigh = config.cost == "latency"
+        costs, images = None, 0
         if config.proposal == "uniform":
-            return [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))], 0
-        # Estimated after every finetune (each step starts after one), on the scoring subset.
-        part = share(int(self.labels.shape[0]), self.group)
-        costs = removal_costs(self.model, self.images[part], self.labels[part], batch_size=config.score_batch_size)
-        if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
-            costs = self.group.all_reduce_sum_(costs)
-        candidates = propose(costs, remove, int(config.rt), self.generator, pool=config.pool,
-                             temperature=config.temperature)
+            candidates = [self.mask_set.sample(remove, self.generator) for _ in range(int(config.rt))]
+        else:
+            # Estimated after every finetune (each step starts after one), on the scoring subset.
+            part = share(int(self.labels.shape[0]), self.group)
+            costs = removal_costs(self.model, self.images[part], self.labels[part],
+                                  batch_size=config.score_batch_size)
+            if self.group is not None:  # sums over the processes' shares; +inf (absent) stays +inf
+                costs = self.group.all_reduce_sum_(costs)
+            drawn = self.pricing.weighted(costs, self.mask_set) if weigh else costs
+            candidates = propose(drawn, remove, int(config.rt), self.generator, pool=config.pool,
+                                 temperature=config.temperature)
+            images = int(self.labels.shape[0])
+        if weigh:
+            emptying = self.pricing.emptying(costs, self.mask_set, remove)
+            if emptying is not None and not any(torch.equal(emptying, c) for c in candidates):
+                candidates.insert(0, emptying)
+            savings = [self.pricing.saving(c, self.mask_set) for c in candidates]
+            order = sorted(range(len(candidates)), key=lambda i: (-savings[i], i))
+            candidates = [candidates[i] for i in order]
         if self.group is not None:
             candidates = self.group.broadcast(candidates)
-        return candidates, int(self.labels.shape[0])
+        return candidates, images
 
     def _score(self, candidates: list[torch.Tensor], reference: tuple[float, float]) -> Choice:
-        """The chosen candidate by the configured rule (race, or the paper's exact first-under-ADT)."""
+        """The chosen candidate by the configured rule (race, or the paper's exact first-under-ADT); with --cost
+        latency, among the scored ones, the one within ADT that saves the most (else the least drop per second
+        saved)."""
         config, n = self.config, int(self.labels.shape[0])
+        weigh = config.cost == "latency"
         if config.scoring == "race":
             result = race(self.model, candidates, self.images, self.labels, criterion=config.criterion,
                           reference=reference, adt=config.adt, eta=config.race_eta,
                           batch_size=config.score_batch_size, shuffle_seed=self.seed, group=self.group)
-            acc, loss = result.best_scores
-            return Choice(result.best, result.accepted is None, acc, loss, len(candidates), result.forward_images)
+            if not weigh:
+                acc, loss = result.best_scores
+                return Choice(result.best, result.accepted is None, acc, loss, len(candidates),
+                              result.forward_images)
+            drops = [reference[0] - a if config.criterion == "accuracy" else l - reference[1]
+                     for a, l in zip(result.accuracy, result.loss)]
+            savings = [self.pricing.saving(candidates[i], self.mask_set) for i in result.survivors]
+            position, fallback = choose_by_saving(drops, savings, config.adt)
+            return Choice(result.survivors[position], fallback, result.accuracy[position], result.loss[position],
+                          len(candidates), result.forward_images)
         scores = score_hypotheses(self.model, candidates, self.images, self.labels, reference=reference,
                                   adt=config.adt, criterion=config.criterion, batch_size=config.score_batch_size,
                                   group=self.group)
-        index, fallback = choose(scores, reference, config.criterion)
+        if weigh:  # candidates come largest saving first, so the first within ADT is the best one
+            drops = [float(d) for d in scores.drop(reference, config.criterion)]
+            savings = [self.pricing.saving(c, self.mask_set) for c in candidates]
+            index, fallback = choose_by_saving(drops, savings, config.adt)
+        else:
+            index, fallback = choose(scores, reference, config.criterion)
         return Choice(index, fallback, float(scores.accuracy[index]), float(scores.loss[index]), int(scores.scored),
                       int(scores.scored) * n)
 
@@ -383,11 +466,16 @@ class BCD:
         """Images the search has pushed forward and trained on so far (every step of this run)."""
         return images_spent(self.history)
 
-    def _save_target(self, target: int) -> None:
+    def _save_target(self, target: int, latency_target: Optional[float] = None) -> None:
+        """Saves the model at a target: a ReLU budget (target), or a latency target passed at `target` ReLUs."""
         directory = self.out_dir / "targets" / str(target)
         metrics = dict(self.evaluate_target(self.model))
         entry = {"budget": int(target), "step": self.step, **metrics, **self.compute(),
                  "per_site": self.mask_set.per_site()}
+        if self.pricing is not None:
+            entry.update({"latency_seconds": self.latency(), "latency_model": self.pricing.describe()})
+        if latency_target is not None:
+            entry["latency_target"] = latency_target
         self.targets_done.append(entry)
         if not self.is_main:
             return
