@@ -3,6 +3,7 @@ tiny models (3,840 ReLUs at most), one or two images.
 
 SPU lives in its own environment (fastmask.pi.spu_env): the tests that run it skip, saying so, when that environment
 is absent; with FASTMASK_REQUIRE_SPU=1 (CI sets it once the environment installed) they fail instead."""
+import json
 import os
 import subprocess
 
@@ -11,11 +12,13 @@ import pytest
 import torch
 
 import fastmask as fm
+from fastmask.checkpoint import save_model
 
 pytest.importorskip("onnx")
 
 from helpers import batchnorm_statistics_from  # noqa: E402
 
+from fastmask.cli import pi_main  # noqa: E402
 from fastmask.pi import spu_env  # noqa: E402
 from fastmask.pi.export import export_model  # noqa: E402
 from fastmask.pi.measure import all_relu_copy  # noqa: E402
@@ -125,6 +128,47 @@ def test_cheetah_secret_weights(tmp_path, digits, spu_python):
     assert torch.allclose(secret["logits"], expected, atol=1e-2)
     assert secret["weight_bytes"] > 0 and secret["setup_bytes"] > secret["weight_bytes"]
     assert secret["bytes"] > public["bytes"]  # secret x secret convolutions (HE) on top of the ReLUs
+
+
+def test_pi_command_spu_semi2k_in_a_run_folder(tmp_path, capsys, digits, spu_python):
+    _, images = digits
+    run = tmp_path / "run"
+    target = run / "targets" / "1200"
+    target.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"targets": [{"budget": 1200}]}))
+    (run / "config.yaml").write_text("data:\n  dataset: digits\n")
+    save_model(tiny_model(images, 0.5), target / "model.safetensors")
+    crypten_rows = [{"runtime": "crypten", "model": label, "role": role, "mode": "public", "relu_count": 1,
+                     "bytes": 1, "rounds": 1, "seconds_per_image": 1.0, "agreement": 1.0, "accuracy": 1.0, "images": 1}
+                    for label, role in (("targets/1200/model.safetensors", "model"),
+                                        ("all-ReLU (same weights)", "baseline"))]
+    (target / "pi.json").write_text(json.dumps(crypten_rows))  # another runtime's rows of the same model stay
+    out = tmp_path / "pi"
+    assert pi_main([str(target / "model.safetensors"), "--runtime", "spu-semi2k", "--modes", "public",
+                    "--images", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| spu-semi2k | semi2k-tfp | yes |" in printed and "party 0 deals them" in printed
+    rows = json.loads((out / "pi.json").read_text())
+    assert {(r["role"], r["runtime"], r["dealer"]) for r in rows} == {("model", "spu-semi2k", True),
+                                                                      ("baseline", "spu-semi2k", True)}
+    for row in rows:
+        assert row["agreement"] == 1.0 and row["rounds"] is None and row["send_actions"] > 0
+        assert row["setup_bytes"] is not None and row["bytes"] > 0
+    kept = json.loads((target / "pi.json").read_text())
+    assert kept == crypten_rows + rows
+    assert json.loads((run / "summary.json").read_text())["targets"][0]["pi"] == kept
+
+
+def test_missing_spu_environment_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(spu_env.ENV_VAR, str(tmp_path / "nowhere" / "python"))
+    spu_env._probe.cache_clear()
+    checkpoint = tmp_path / "model.safetensors"
+    save_model(fm.models.create("resnet18", 10, 16, width=2, in_channels=1), checkpoint)
+    assert pi_main([str(checkpoint), "--runtime", "spu-cheetah", "--images", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastmask-pi: error:") and "\n" not in err
+    assert spu_env.INSTALL_COMMAND in err and spu_env.ENV_VAR in err
+    spu_env._probe.cache_clear()
 
 
 def test_link_counters_read_each_run():
