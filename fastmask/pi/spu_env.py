@@ -128,10 +128,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      description="Find or create the separate environment SecretFlow SPU runs in.")
     parser.add_argument("--install", action="store_true", help="create it (default place, or --venv) and install SPU")
     parser.add_argument("--venv", type=Path, help=f"where to create it (default {default_venv()})")
+    parser.add_argument("--quiet", action="store_true", help="less of pip's output")
     args = parser.parse_args(argv)
     try:
         if args.install:
-            python = install(args.venv)
+            python = install(args.venv, quiet=args.quiet)
             if args.venv and Path(args.venv).resolve() != default_venv().resolve():
                 print(f"[fastmask] set {ENV_VAR}={python} so that fastmask-pi finds it")
         else:
