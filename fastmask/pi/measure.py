@@ -27,11 +27,12 @@ RUNTIMES = {
     "crypten": {"protocol": "crypten-tfp", "dealer": True, "note": DEALER_NOTE},
     "spu-cheetah": {"protocol": "cheetah", "dealer": False, "note": (
         "SPU's Cheetah (SecretFlow SPU 0.9.5, FM64) is a two-party protocol with no dealer: silent OT for ReLUs and "
-        "truncations, HE for secret x secret products. Online bytes are payload bytes sent by both parties per image, "
-        "input and output shares included; setup bytes (OT setup, and the weight shares in secret mode) are paid once "
-        "per model and connection and are not in the online bytes. With public weights the convolutions are local but "
-        "their outputs are truncated (fixed point), a few bytes per element, so the bytes fall a little slower than "
-        "the ReLU count. SPU counts send actions, not rounds.")},
+        "truncations, HE for secret x secret products. Online bytes are payload bytes sent by both parties per "
+        "image, input and output shares included; setup bytes (OT setup, and the weight shares in secret mode) are "
+        "paid once per model and connection and are not in the online bytes. With public weights each convolution "
+        "still sends one message of about 3 KB (the truncation of its fixed-point output), whatever its size and "
+        "however many ReLUs follow it, so the bytes fall a little slower than the ReLU count. SPU counts send "
+        "actions, not rounds.")},
     "spu-semi2k": {"protocol": "semi2k-tfp", "dealer": True, "note": (
         "SPU's SEMI2K here uses trusted-first-party Beaver triples: party 0 deals them, as in CrypTen's default, so "
         "its bytes are not those of a dealer-free protocol. SPU counts send actions, not rounds.")},

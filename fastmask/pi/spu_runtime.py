@@ -17,14 +17,15 @@ both parties; SPU counts its own traffic, see spu_party's docstring):
 - warmup_bytes: the same for the first run of the job, on an all-zero image, in a fresh SPU runtime.
 - weight_bytes: the secret weight shares the server sent (0 in public mode), once per job.
 - setup_bytes: the one-time cost apart from the online bytes: warmup_bytes - bytes + weight_bytes. With Cheetah the
-  difference is the OT setup (base OTs and the first Ferret extension) that the first run pays; SPU gives no counter
-  of its own for it, so it is measured as this difference.
+  difference is the setup the first run pays (base OTs and the first Ferret extension; in secret mode also the HE
+  keys); SPU gives no counter of its own for it, so it is measured as this difference.
 - send_actions: send calls per image, both parties, the two share messages included; SPU's counters give no rounds,
   so rounds is None.
 - op_bytes: the online bytes per image split by the SPU op that sent them, from the per-op lines SPU prints with
-  each run (pphlo.less and the pphlo.multiply of the select are the ReLUs; pphlo.convolution and pphlo.dot with
-  public weights are their truncations, a few bytes per output element; "input and output shares" the two share
-  messages); they sum to bytes.
+  each run. pphlo.less and the pphlo.multiply of the select are the ReLUs, about 100 bytes per element with Cheetah
+  (pphlo.multiply also holds the graph's own Mul nodes: a BN affine, a polynomial); pphlo.convolution and pphlo.dot
+  with public weights are the truncations of their outputs, one message of about 3 KB per op whatever its size;
+  "input and output shares" are the two share messages. They sum to bytes.
 - seconds_per_image: the mean over the images of the slower party's wall time for one image (shares in, run, out).
 - logits: [N, classes] float32 tensor as reconstructed by the client.
 """
