@@ -88,6 +88,8 @@ def test_pi_command_in_a_run_folder(tmp_path, capsys, digits):
     for row in rows:
         assert {"model", "mode", "relu_count", "bytes", "rounds", "seconds_per_image", "agreement"} <= set(row)
         assert row["agreement"] == 1.0 and row["images"] == 2 and row["bytes"] > 0
+        assert (row["runtime"], row["protocol"], row["dealer"]) == ("crypten", "crypten-tfp", True)
+        assert row["send_actions"] is None and row["setup_bytes"] is None and row["rounds"] > 0
     by = {(r["role"], r["mode"]): r for r in rows}
     assert by["model", "secret"]["bytes"] > by["model", "public"]["bytes"]
     assert by["model", "public"]["relu_count"] < by["baseline", "public"]["relu_count"]

@@ -1,4 +1,5 @@
-"""The bodies of fastmask-export (ONNX + manifest + masks) and fastmask-pi (a two-party CrypTen run); fastmask.cli
+"""The bodies of fastmask-export (ONNX + manifest + masks) and fastmask-pi (a two-party run under CrypTen or SecretFlow
+SPU); fastmask.cli
 runs them, so bad input ends in one line, `<prog>: error: ...`, and exit code 2, as with fastmask-linearize.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional
 from ..errors import ArgumentParser, FastmaskError
 
 RUN_SUMMARY = "summary.json"
+RUNTIME_CHOICES = ("crypten", "spu-cheetah", "spu-semi2k")
 RUN_CONFIG = "config.yaml"
 
 
@@ -66,10 +68,17 @@ def _check_with_onnxruntime(model, path: Path) -> str:
 # ---- fastmask-pi ----------------------------------------------------------------------------------------------------
 def pi_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="fastmask-pi",
-                       description="Run a fastmask model as a two-party computation with CrypTen on this machine (two "
-                       "processes, localhost) and compare it with its all-ReLU version: bytes, rounds, time, "
+                       description="Run a fastmask model as a two-party computation on this machine (two processes, "
+                       "localhost) and compare it with its all-ReLU version: bytes, rounds or send actions, time, "
                        "agreement with plaintext.")
-    p.add_argument("model", help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
+    p.add_argument("model", nargs="?",
+                   help="a fastmask .safetensors checkpoint (e.g. a run's targets/<budget>/model.safetensors)")
+    p.add_argument("--runtime", default="crypten", choices=RUNTIME_CHOICES,
+                   help="crypten (CrypTen 0.4.1, party 0 deals the triples; the default), spu-cheetah (SecretFlow "
+                   "SPU's Cheetah: two parties, no dealer) or spu-semi2k (SPU, party 0 deals the triples); SPU runs in "
+                   "its own environment, see --install-runtime")
+    p.add_argument("--install-runtime", choices=("spu",),
+                   help="create the separate environment SecretFlow SPU runs in (one time, about 1 GB) and exit")
     p.add_argument("--images", type=int, default=20, help="test images to run privately (default 20)")
     p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits")
     p.add_argument("--data-dir", help="folder holding the dataset (cifar/tinyimagenet)")
@@ -120,14 +129,27 @@ def pi(argv: list[str]) -> None:
     from .measure import all_relu_copy, compare, table, write_results
 
     args = pi_parser().parse_args(argv)
+    if args.install_runtime:
+        from .spu_env import install
+
+        install()
+        return
+    if args.model is None:
+        raise FastmaskError("the following arguments are required: model")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes or any(m not in ("public", "secret") for m in modes):
         raise FastmaskError(f"--modes takes public, secret or public,secret; got {args.modes!r}")
     if args.images < 1:
         raise FastmaskError(f"--images must be at least 1, got {args.images}")
-    from .crypten_compat import import_crypten
+    # before any work: a missing runtime is one line, not a traceback after the export
+    if args.runtime == "crypten":
+        from .crypten_compat import import_crypten
 
-    import_crypten()  # before any work: a missing CrypTen is one line, not a traceback after the export
+        import_crypten()
+    else:
+        from .spu_env import require
+
+        require()
     target = run_model(args.model)
     dataset_name, data_dir = _resolve_dataset(args, target)
     spec, _ = read_spec(args.model)
@@ -152,16 +174,19 @@ def pi(argv: list[str]) -> None:
     images = data.normalize(dataset.test_x[:count], dataset, "cpu")
     labels = dataset.test_y[:count]
     model_label = str(Path(args.model).resolve().relative_to(target.run_dir)) if target else str(args.model)
-    print(f"[fastmask-pi] {dataset.name}: {count} test images, modes {', '.join(modes)}; two CrypTen parties on "
+    parties = "CrypTen" if args.runtime == "crypten" else f"SPU ({args.runtime.split('-', 1)[1]})"
+    print(f"[fastmask-pi] {dataset.name}: {count} test images, modes {', '.join(modes)}; two {parties} parties on "
           "localhost, one image at a time")
     started = time.perf_counter()
     out = Path(args.out)
     rows = compare([(model_label, "model", model), (baseline_label, "baseline", baseline)], images, labels,
-                   out / "onnx", modes=modes, timeout=args.timeout)
-    written = write_results(rows, out)
+                   out / "onnx", modes=modes, timeout=args.timeout, runtime=args.runtime)
+    write_results(rows, out)
+    written = [out / "pi.json", out / "pi.md"]
     if target is not None:
-        written += write_results(rows, target.folder)
-        written.append(report.attach_pi(target.run_dir, target.section, target.budget, rows))
+        kept = write_results(rows, target.folder)
+        written += [target.folder / "pi.json", target.folder / "pi.md",
+                    report.attach_pi(target.run_dir, target.section, target.budget, kept)]
     print(table(rows), end="")
     print(f"[fastmask-pi] done in {time.perf_counter() - started:.0f}s; wrote {', '.join(map(str, written))}")
 
