@@ -1,7 +1,9 @@
-"""Fits fastmask.cost's CrypTen units from real two-party runs and prints every run's residual.
+"""Fits fastmask.cost's CrypTen (or SPU Cheetah) units from real two-party runs and prints every run's residual.
 
     python bench/pi_cost.py                       # resnet18 width 4 on 16x16 digits, 2 images per run: ~2 minutes
     python bench/pi_cost.py --width 8 --images 4  # the offline default's model size
+    python bench/pi_cost.py --runtime spu-cheetah # SPU's Cheetah, public weights (its environment: fastmask-pi
+                                                  # --install-runtime spu); rounds are its send actions
 
 Runs CrypTen (two processes on localhost, fastmask.pi.two_party) on models with different masks: all ReLUs; 30%
 kept; 8% kept with four sites emptied; 3% kept with nine sites emptied; and the polynomial replacement at 20% kept
@@ -26,12 +28,14 @@ sys.path.insert(0, str(REPO))
 import fastmask as fm  # noqa: E402
 from fastmask import cost, data, report  # noqa: E402
 from fastmask.pi.export import export_model  # noqa: E402
+from fastmask.pi.spu_runtime import run_spu  # noqa: E402
 from fastmask.pi.two_party import run_two_party  # noqa: E402
 
 # (label, fraction of positions kept, sites emptied, polynomial)
 MASKS = (("all ReLUs", 1.0, 0, False), ("30% kept", 0.3, 0, False), ("8% kept, 4 sites empty", 0.08, 4, False),
          ("3% kept, 9 sites empty", 0.03, 9, False), ("polynomial, 20% kept, 2 sites empty", 0.2, 2, True))
-MODES = {"public": "crypten-public", "secret": "crypten-secret"}
+RUNTIMES = {"crypten": {"public": "crypten-public", "secret": "crypten-secret"},
+            "spu-cheetah": {"public": "spu-cheetah-public"}}
 
 
 def masked_model(width: int, fraction: float, emptied: int, polynomial: bool, images: torch.Tensor,
@@ -55,7 +59,7 @@ def masked_model(width: int, fraction: float, emptied: int, polynomial: bool, im
     return model.eval()
 
 
-def measure(width: int, count: int, work: Path) -> list[cost.Measurement]:
+def measure(width: int, count: int, work: Path, runtime: str) -> list[cost.Measurement]:
     dataset = data.load_dataset("digits")
     images = data.normalize(dataset.test_x[:64], dataset, "cpu")
     jobs, loads = [], {}
@@ -64,14 +68,18 @@ def measure(width: int, count: int, work: Path) -> list[cost.Measurement]:
         path = work / f"{len(loads)}.onnx"
         export_model(model, path)
         loads[label] = cost.workload(model)
-        jobs += [{"name": label, "onnx": str(path), "mode": mode} for mode in MODES]
-    results = run_two_party(jobs, images[:count], timeout=1800)
-    return [cost.Measurement(loads[r["name"]], MODES[r["mode"]], r["bytes"], r["rounds"], r["seconds_per_image"])
+        jobs += [{"name": label, "onnx": str(path), "mode": mode} for mode in RUNTIMES[runtime]]
+    if runtime == "crypten":
+        results = run_two_party(jobs, images[:count], timeout=1800)
+    else:
+        results = run_spu(jobs, images[:count], protocol=runtime.split("-", 1)[1], timeout=1800)
+    return [cost.Measurement(loads[r["name"]], RUNTIMES[runtime][r["mode"]], r["bytes"],
+                             r["rounds"] if r["rounds"] is not None else r["send_actions"], r["seconds_per_image"])
             for r in results]
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"CrypTen units fitted from {payload['images']} image(s) per run, resnet18 width {payload['width']} on "
+    lines = [f"{payload['runtime']} units fitted from {payload['images']} image(s) per run, resnet18 width {payload['width']} on "
              "16x16 digits (bench/pi_cost.py).", "",
              "| protocol | bytes/ReLU | rounds/site | bytes fixed | rounds fixed | bytes/product | rounds/product site "
              "| s fixed | s/ReLU | s/site |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -96,22 +104,26 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--images", type=int, default=2, help="images per run (one at a time)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pi_cost"))
+    parser.add_argument("--runtime", default="crypten", choices=sorted(RUNTIMES),
+                        help="spu-cheetah: rounds are SPU's send actions")
+    parser.add_argument("--out", default=None, help="default bench/results/pi_cost_<runtime>")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastmask-pi-cost-") as work:
-        runs = measure(args.width, args.images, Path(work))
+        runs = measure(args.width, args.images, Path(work), args.runtime)
     labels = [label for label, *_ in MASKS] * 1
     fitted, shipped_rows = {}, []
-    for name in MODES.values():
+    modes = RUNTIMES[args.runtime]
+    for name in modes.values():
         mine = [m for m in runs if m.protocol == name]
         protocol, _ = cost.fit(mine, cost.get_protocol(name))
         fitted[name] = dataclasses.asdict(protocol)
         for label, row in zip(labels, cost.residuals(mine, cost.get_protocol(name))):
             shipped_rows.append({"protocol": name, "model": label, **row})
     payload = {"width": args.width, "images": args.images, "machine": report.machine(), "fitted": fitted,
-               "shipped": {name: dataclasses.asdict(cost.get_protocol(name)) for name in MODES.values()},
+               "runtime": args.runtime,
+               "shipped": {name: dataclasses.asdict(cost.get_protocol(name)) for name in modes.values()},
                "shipped_residuals": shipped_rows}
-    out = Path(args.out)
+    out = Path(args.out or REPO / "bench" / "results" / f"pi_cost_{args.runtime}")
     report.write_json(out / "pi_cost.json", payload)
     text = markdown(payload)
     report.atomic_write_text(out / "pi_cost.md", text)

@@ -78,6 +78,8 @@ class Protocol:
     rounds_per_product_site: float = 0.0
     bytes_per_linear_element: float = 0.0
     rounds_per_linear_layer: float = 0.0
+    bytes_per_linear_layer: float = 0.0
+    rounds_per_relu: float = 0.0
     setup_bytes: float = 0.0
     offline_bytes_per_relu: float = 0.0
     seconds_fixed: Optional[float] = None
@@ -112,7 +114,17 @@ GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weight
               seconds_fixed=0.0, seconds_per_relu=18.3e-6,
               source="published: Garimella et al., ASPLOS 2023 (Delphi's code measured); rounds assumed")
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CRYPTEN_PUBLIC, CRYPTEN_SECRET, GC)}
+# SecretFlow SPU 0.9.5, Cheetah (no dealer), FM64, public weights, two processes on localhost (fastmask.pi.
+# spu_runtime), fitted by bench/pi_cost.py --runtime spu-cheetah. SPU reports send actions, not rounds: `rounds` here
+# are send actions, which grow with a site's size too (large comparisons go out in several messages). A conv or
+# linear layer sends one message of about 3 KB (its truncation), whatever the mask; the OT setup is one-time.
+SPU_CHEETAH = Protocol(
+    name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=100.2,
+    rounds_per_site=40.0, rounds_per_relu=0.009, bytes_fixed=3190.0, rounds_fixed=35.0,
+    bytes_per_linear_layer=3000.0, setup_bytes=1.47e6,
+    source="fitted from SecretFlow SPU 0.9.5 Cheetah runs (bench/pi_cost.py, bench/PI.md); rounds are send actions")
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CRYPTEN_PUBLIC, CRYPTEN_SECRET, SPU_CHEETAH, GC)}
 DEFAULT_PROTOCOL = "crypten-public"
 
 
@@ -242,8 +254,10 @@ class Cost:
 def predict(load: Workload, protocol: Protocol) -> Cost:
     """The protocol's bytes, rounds and local compute for one inference of the workload."""
     p = protocol
-    bytes_ = p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_product * sum(load.products)
-    rounds = p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_product_site * load.product_sites
+    bytes_ = (p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_product * sum(load.products)
+              + p.bytes_per_linear_layer * len(load.linear))
+    rounds = (p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_relu * load.relus
+              + p.rounds_per_product_site * load.product_sites)
     if p.secret_weights:
         bytes_ += p.bytes_per_linear_element * sum(l.input_elements + l.weight_elements for l in load.linear)
         rounds += p.rounds_per_linear_layer * len(load.linear)
@@ -260,7 +274,8 @@ def latency(load: Workload, protocol: Protocol, network: Network) -> float:
 def site_saving(protocol: Protocol, network: Network) -> tuple[float, float]:
     """(seconds a kept ReLU costs, seconds a site holding any ReLU costs) on the network: what the search weighs a
     removal by. Emptying a site saves the second on top of the first."""
-    per_relu = protocol.bytes_per_relu * 8.0 / (network.bandwidth_mbit * 1e6) + protocol.seconds_per_relu
+    per_relu = (protocol.bytes_per_relu * 8.0 / (network.bandwidth_mbit * 1e6) + protocol.seconds_per_relu
+                + protocol.rounds_per_relu * network.rtt_ms / 1e3)
     per_site = protocol.rounds_per_site * network.rtt_ms / 1e3 + protocol.seconds_per_site
     return per_relu, per_site
 
@@ -322,18 +337,22 @@ def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, 
     if len(runs) < 3:
         raise FastmaskError(f"fit: {base.name} needs at least 3 runs with different masks, got {len(runs)}")
     with_products = any(sum(m.load.products) for m in runs)
+    per_relu_rounds = base.rounds_per_relu != 0  # runtimes whose messages grow with a site's size (SPU)
     linear_only = dataclasses.replace(base, bytes_per_relu=0.0, rounds_per_site=0.0, bytes_fixed=0.0,
                                       rounds_fixed=0.0, bytes_per_product=0.0, rounds_per_product_site=0.0,
-                                      seconds_fixed=None)
+                                      rounds_per_relu=0.0, seconds_fixed=None)
     rest = [predict(m.load, linear_only) for m in runs]
     bytes_units = _lstsq([[1.0, m.load.relus] + ([sum(m.load.products)] if with_products else []) for m in runs],
                          [m.bytes - r.bytes for m, r in zip(runs, rest)])
-    rounds_units = _lstsq([[1.0, m.load.sites] + ([m.load.product_sites] if with_products else []) for m in runs],
+    rounds_units = _lstsq([[1.0, m.load.sites] + ([m.load.relus] if per_relu_rounds else []) +
+                           ([m.load.product_sites] if with_products else []) for m in runs],
                           [m.rounds - r.rounds for m, r in zip(runs, rest)])
     fitted = dataclasses.replace(base, bytes_fixed=bytes_units[0], bytes_per_relu=bytes_units[1],
                                  rounds_fixed=rounds_units[0], rounds_per_site=rounds_units[1])
+    if per_relu_rounds:
+        fitted = dataclasses.replace(fitted, rounds_per_relu=rounds_units[2])
     if with_products:
-        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[2], rounds_per_product_site=rounds_units[2])
+        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[2], rounds_per_product_site=rounds_units[-1])
     timed = [m for m in runs if m.seconds is not None]
     if len(timed) >= 3:
         s_fixed, s_relu, s_site = _non_negative_lstsq([[1.0, m.load.relus, m.load.sites] for m in timed],

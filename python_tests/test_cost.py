@@ -50,7 +50,7 @@ def test_an_emptied_site_drops_its_rounds_and_its_relus_bytes(name):
     load = cost.workload(tiny(0.3))
     emptied = load.with_kept([0] + list(load.kept[1:]))
     full, cut = cost.predict(load, protocol), cost.predict(emptied, protocol)
-    assert full.rounds - cut.rounds == pytest.approx(protocol.rounds_per_site)
+    assert full.rounds - cut.rounds == pytest.approx(protocol.rounds_per_site + protocol.rounds_per_relu * load.kept[0])
     assert full.bytes - cut.bytes == pytest.approx(protocol.bytes_per_relu * load.kept[0])
     wan = cost.NETWORKS["wan"]
     per_relu, per_site = cost.site_saving(protocol, wan)
@@ -143,3 +143,36 @@ def test_shipped_crypten_units_predict_real_runs_within_5_percent(tmp_path):
         measured[(result["name"], result["mode"])] = result["rounds"]
     dropped = measured[("dense", "public")] - measured[("emptied", "public")]
     assert dropped == 4 * cost.CRYPTEN_PUBLIC.rounds_per_site
+
+
+def test_fastmask_pi_predict_writes_rows_without_running_parties(tmp_path, capsys):
+    from fastmask.checkpoint import save_model
+    from fastmask.cli import pi_main
+
+    model = tiny(0.3, emptied=(1, 2))
+    save_model(model, tmp_path / "model.safetensors")
+    code = pi_main([str(tmp_path / "model.safetensors"), "--predict", "--out", str(tmp_path / "out"),
+                    "--protocol", "crypten-public", "--network", "wan", "--network", "200,5"])
+    assert code == 0
+    rows = __import__("json").loads((tmp_path / "out" / "predict.json").read_text())
+    assert [r["model"] for r in rows] == [str(tmp_path / "model.safetensors"), "all-ReLU (same weights)"]
+    model_row, baseline_row = rows
+    expected = cost.predict(cost.workload(model), cost.CRYPTEN_PUBLIC)
+    assert model_row["bytes"] == round(expected.bytes) and model_row["rounds"] == expected.rounds
+    assert model_row["sites"] == 14 and baseline_row["sites"] == 16
+    assert baseline_row["rounds"] - model_row["rounds"] == 2 * cost.CRYPTEN_PUBLIC.rounds_per_site
+    assert set(model_row["latency_seconds"]) == {"wan", "200Mbit/5ms"}
+    assert "predicted, no two-party run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [(["--protocol", "tls"], "--protocol takes"),
+                                            (["--network", "fast"], "--network takes")])
+def test_fastmask_pi_predict_bad_choices_are_one_line(tmp_path, capsys, extra, message):
+    from fastmask.checkpoint import save_model
+    from fastmask.cli import pi_main
+
+    save_model(tiny(0.3), tmp_path / "model.safetensors")
+    assert pi_main([str(tmp_path / "model.safetensors"), "--predict", "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()

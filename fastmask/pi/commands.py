@@ -5,6 +5,7 @@ runs them, so bad input ends in one line, `<prog>: error: ...`, and exit code 2,
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,13 @@ def pi_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="public,secret", help="public, secret, or public,secret (the default)")
     p.add_argument("--out", default="fastmask_pi", help="folder for pi.json, pi.md and the ONNX files")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds the two-party run may take (default 3600)")
+    p.add_argument("--predict", action="store_true",
+                   help="predict bytes, rounds and latency per protocol and network (fastmask.cost) without running "
+                   "the two parties; writes predict.json and predict.md")
+    p.add_argument("--protocol", action="append",
+                   help="with --predict: a protocol to predict for (repeatable; default: all of fastmask.cost's)")
+    p.add_argument("--network", action="append",
+                   help="with --predict: lan, wan or BANDWIDTH_MBIT,RTT_MS (repeatable; default: lan and wan)")
     return p
 
 
@@ -136,6 +144,11 @@ def pi(argv: list[str]) -> None:
         return
     if args.model is None:
         raise FastmaskError("the following arguments are required: model")
+    if args.predict:
+        _predict(args)
+        return
+    if args.protocol or args.network:
+        raise FastmaskError("--protocol and --network go with --predict; a two-party run measures its --runtime")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes or any(m not in ("public", "secret") for m in modes):
         raise FastmaskError(f"--modes takes public, secret or public,secret; got {args.modes!r}")
@@ -190,3 +203,26 @@ def pi(argv: list[str]) -> None:
     print(table(rows), end="")
     print(f"[fastmask-pi] done in {time.perf_counter() - started:.0f}s; wrote {', '.join(map(str, written))}")
 
+
+
+def _predict(args) -> None:
+    from .. import cost
+    from ..checkpoint import load_model
+    from ..files import atomic_write_text
+    from .measure import all_relu_copy
+    from .predict import predictions, table
+
+    protocols = args.protocol or list(cost.PROTOCOLS)
+    for name in protocols:
+        cost.get_protocol(name)
+    networks = {n.name: n for n in map(cost.parse_network, args.network or list(cost.NETWORKS))}
+    model = load_model(args.model)
+    baseline = (load_model(args.baseline), str(args.baseline)) if args.baseline else \
+        (all_relu_copy(model), "all-ReLU (same weights)")
+    rows = predictions([(str(args.model), model), (baseline[1], baseline[0])], protocols, networks)
+    out = Path(args.out)
+    text = table(rows, networks)
+    atomic_write_text(out / "predict.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(out / "predict.md", text)
+    print(text, end="")
+    print(f"[fastmask-pi] predicted, no two-party run; wrote {out / 'predict.json'}, {out / 'predict.md'}")
