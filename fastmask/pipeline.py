@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import __version__, checkpoint, data, distributed, models, report, train
+from . import __version__, checkpoint, cost, data, distributed, models, report, train
 from . import config as settings
 from .config import RunConfig
 from .errors import FastmaskError, UnknownSettings
@@ -211,11 +211,12 @@ class Pipeline:
         return summary
 
     def measure(self, model: nn.Module) -> dict:
-        """ReLU count, val and test accuracy and loss (test is reported, never used to choose anything)."""
+        """ReLU count, val and test accuracy and loss (test is reported, never used to choose anything), and the
+        predicted private-inference cost (cost.summary: what the saved ReLUs buy), taken while the model is here."""
         val = train.evaluate(model, self.dataset.val_x, self.dataset.val_y, self.dataset, self.device)
         test = train.evaluate(model, self.dataset.test_x, self.dataset.test_y, self.dataset, self.device)
         return {"relu_count": relu_count(model), "val_acc": val[0], "val_loss": val[1], "test_acc": test[0],
-                "test_loss": test[1]}
+                "test_loss": test[1], "cost": cost.summary(cost.workload(model))}
 
     def finetune_config(self, epochs: Optional[int] = None) -> train.TrainConfig:
         return train.finetune_recipe(self.config.finetune, self.config.model.arch, self.dataset.name, epochs)

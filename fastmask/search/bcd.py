@@ -386,8 +386,10 @@ class BCD:
     def _save_target(self, target: int) -> None:
         directory = self.out_dir / "targets" / str(target)
         metrics = dict(self.evaluate_target(self.model))
+        from .. import cost  # the predicted private-inference cost, taken while the target's model is in memory
+
         entry = {"budget": int(target), "step": self.step, **metrics, **self.compute(),
-                 "per_site": self.mask_set.per_site()}
+                 "per_site": self.mask_set.per_site(), "cost": cost.summary(cost.workload(self.model))}
         self.targets_done.append(entry)
         if not self.is_main:
             return
