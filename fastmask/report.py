@@ -115,13 +115,14 @@ def plot_accuracy_vs_latency(path: str | Path, series: Mapping[str, Sequence[tup
     """One line per method: (predicted latency in seconds, test accuracy, ReLU budget) points, each labelled with
     its budget, so the plot reads as what a second of waiting buys."""
     figure, axes = _figure()
-    for (name, points), marker in zip(series.items(), "osD^v"):
+    for index, ((name, points), marker) in enumerate(zip(series.items(), "osD^v")):
         points = _points(points)
         if not points:
             continue
         line, = axes.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=name)
+        offset = (4, 4) if index % 2 == 0 else (4, -11)  # one method's labels above, the other's below its points
         for seconds, accuracy, budget in points:
-            axes.annotate(f"{int(budget):,}", (seconds, accuracy), textcoords="offset points", xytext=(4, 4),
+            axes.annotate(f"{int(budget):,}", (seconds, accuracy), textcoords="offset points", xytext=offset,
                           fontsize=7, color=line.get_color())
     _baseline_line(axes, baseline)
     axes.set_xlabel(xlabel)
@@ -313,8 +314,9 @@ def _percent(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    right = ["---:" if i > 1 else "---" for i in range(len(header))]  # numbers right-aligned
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], labels: int = 2) -> list[str]:
+    """A markdown table whose first `labels` columns are text and the rest numbers (right-aligned)."""
+    right = ["---:" if i >= labels else "---" for i in range(len(header))]
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(right) + " |"] + \
         ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -362,7 +364,7 @@ def markdown_report(summary: Mapping) -> str:
     if iou:
         lines += ["", "## Mask IoU (kept ReLUs)", ""]
         lines += _table(["", *iou["masks"]], [[label, *("–" if v is None else f"{v:.3f}" for v in row)]
-                                              for label, row in zip(iou["masks"], iou["matrix"])])
+                                              for label, row in zip(iou["masks"], iou["matrix"])], labels=1)
         if iou.get("bcd_vs_snl"):
             lines += ["", "BCD against SNL at the same budget: " + ", ".join(
                 f"{int(b):,}: {'–' if v is None else f'{v:.3f}'}" for b, v in iou["bcd_vs_snl"].items()) + "."]
