@@ -1,5 +1,8 @@
-"""The run's report: steps.csv, summary.json and PNG plots (accuracy vs ReLU budget, per-site ReLUs per target,
-accepted drop per step). Files are written atomically, so a report read mid-run is never half-written."""
+"""The run's report: steps.csv, summary.json, report.md (every model's ReLUs, non-empty sites, MACs, accuracy, and
+per protocol its predicted bytes, rounds and LAN/WAN latency; the mask IoU) and PNG plots (accuracy vs ReLU budget
+and vs predicted WAN latency, per-site ReLUs per target and BCD vs SNL, mask IoU, accepted drop per step). Files are
+written atomically, so a report read mid-run is never half-written. write_report on a summary.json read back
+re-makes the report of a finished run."""
 from __future__ import annotations
 
 import csv

@@ -14,7 +14,9 @@ from fastmask import cost, report
 
 def plain_iou(a: dict, b: dict) -> float:
     """The reference: kept positions as Python sets of (site, flat index)."""
-    kept = lambda masks: {(k, i) for k, t in masks.items() for i, v in enumerate(t.reshape(-1).tolist()) if v}
+    def kept(masks: dict) -> set:
+        return {(k, i) for k, t in masks.items() for i, v in enumerate(t.reshape(-1).tolist()) if v}
+
     x, y = kept(a), kept(b)
     return len(x & y) / len(x | y) if x | y else 1.0
 
@@ -49,15 +51,13 @@ def fake_run(tmp_path) -> tuple[Path, dict]:
                "snl": {"budget": 40, "relu_count": 40, "val_acc": 88.0, "test_acc": 87.0, "cost": fake_cost(40, 2)},
                "start": {"relu_count": 40, "val_acc": 88.0, "test_acc": 87.0, "cost": fake_cost(40, 2)},
                "targets": [], "snl_targets": []}
-    for key, method in (("targets", "BCD"), ("snl_targets", "SNL")):
+    for key in ("targets", "snl_targets"):
         for budget in (30, 20):
             masks = {"s0": torch.rand(4, 2, 2, generator=g) < budget / 48,
                      "s1": torch.rand(8, 2, 2, generator=g) < budget / 48}
-            save_file({k: v.to(torch.uint8) for k, v in masks.items()},
-                      str(tmp_path / "masks.tmp"))
             folder = tmp_path / key / str(budget)
             folder.mkdir(parents=True)
-            (tmp_path / "masks.tmp").rename(folder / "masks.safetensors")
+            save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(folder / "masks.safetensors"))
             summary[key].append({"budget": budget, "val_acc": 80.0 + budget / 10, "test_acc": 79.0 + budget / 10,
                                  "per_site": per_site(masks), "cost": fake_cost(budget, 2)})
     summary["snl_points"] = [summary["snl"]] + summary["snl_targets"]
@@ -86,9 +86,8 @@ def test_report_has_the_latency_columns_the_iou_and_the_plots(fake_run):
     assert iou["masks"] == ["BCD 30", "BCD 20", "SNL 30", "SNL 20"]
     assert all(iou["matrix"][i][i] == 1.0 for i in range(4))
     assert set(iou["bcd_vs_snl"]) == {"30", "20"}
-    read = lambda key, b: report.read_masks(out / key / str(b) / "masks.safetensors")
-    assert iou["bcd_vs_snl"]["20"] == pytest.approx(plain_iou(read("targets", 20), read("snl_targets", 20)),
-                                                    abs=1e-4)
+    bcd, snl = (report.read_masks(out / key / "20" / "masks.safetensors") for key in ("targets", "snl_targets"))
+    assert iou["bcd_vs_snl"]["20"] == pytest.approx(plain_iou(bcd, snl), abs=1e-4)
     assert "## Mask IoU" in text and "BCD against SNL at the same budget" in text
 
 
