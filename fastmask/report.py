@@ -335,6 +335,22 @@ def _sites(entry: Mapping) -> Optional[int]:
     return None if per_site is None else sum(1 for s in per_site if s["kept"] > 0)
 
 
+def per_site_table(models: Sequence[tuple[str, Optional[int], Mapping, str]]) -> list[str]:
+    """Kept ReLUs per site (rows, forward order) of every model that lists them (columns): where each method spent
+    its budget, as numbers beside the per-site plots. Empty when no two models share the same sites."""
+    columns = [(method if budget is None else f"{method} {budget:,}", {s["site"]: s for s in entry["per_site"]})
+               for method, budget, entry, _ in models if entry.get("per_site")]
+    if not columns:
+        return []
+    sites = [s["site"] for s in next(entry["per_site"] for _, _, entry, _ in models if entry.get("per_site"))]
+    if any(list(kept) != sites for _, kept in columns):
+        return []
+    rows = [[site, _count(columns[0][1][site]["total"]), *(_count(kept[site]["kept"]) for _, kept in columns)]
+            for site in sites]
+    return ["", "## Kept ReLUs per site", ""] + _table(["site", "total", *(name for name, _ in columns)], rows,
+                                                       labels=1)
+
+
 def markdown_report(summary: Mapping) -> str:
     """The run as tables a person reads: every model's ReLUs, non-empty sites, plaintext MACs and accuracy; per
     protocol its predicted bytes, rounds and latency on each network; the mask IoU."""
@@ -363,6 +379,7 @@ def markdown_report(summary: Mapping) -> str:
                              _percent(entry.get("test_acc"))])
         lines += _table(["method", "target", "ReLUs", "bytes", "rounds", *(f"{n.upper()} (s)" for n in networks),
                          "test acc (%)"], rows)
+    lines += per_site_table(models)
     iou = summary.get("mask_iou")
     if iou:
         lines += ["", "## Mask IoU (kept ReLUs)", ""]

@@ -89,6 +89,10 @@ def test_report_has_the_latency_columns_the_iou_and_the_plots(fake_run):
     bcd, snl = (report.read_masks(out / key / "20" / "masks.safetensors") for key in ("targets", "snl_targets"))
     assert iou["bcd_vs_snl"]["20"] == pytest.approx(plain_iou(bcd, snl), abs=1e-4)
     assert "## Mask IoU" in text and "BCD against SNL at the same budget" in text
+    per_site_rows = text.split("## Kept ReLUs per site")[1].split("## Mask IoU")[0]
+    assert "| site | total | BCD 30 | BCD 20 | SNL 30 | SNL 20 |" in per_site_rows
+    kept = [t["per_site"][1]["kept"] for t in summary["targets"] + summary["snl_targets"]]
+    assert "| s1 | 32 | " + " | ".join(map(str, kept)) + " |" in per_site_rows
 
 
 def test_seconds_read_with_three_significant_digits():
