@@ -1,10 +1,11 @@
 """The run's report: steps.csv, summary.json, report.md (every model's ReLUs, non-empty sites, MACs, accuracy, and
 per protocol its predicted bytes, rounds and LAN/WAN latency; the mask IoU) and PNG plots (accuracy vs ReLU budget
 and vs predicted WAN latency, per-site ReLUs per target and BCD vs SNL, mask IoU, accepted drop per step). Files are
-written atomically, so a report read mid-run is never half-written. write_report on a summary.json read back
-re-makes the report of a finished run."""
+written atomically, so a report read mid-run is never half-written. remake_report(out_dir) makes a finished run's
+report again (older runs get the latency columns from their saved models)."""
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -441,6 +442,46 @@ def write_plots(plots: Path, summary: Mapping, history: Sequence[Mapping]) -> li
         written.append(plots / "accepted_drop.png")
         plot_accepted_drops(written[-1], history, float(search.get("adt", 0.0)), search.get("criterion", "accuracy"))
     return written
+
+
+def fill_costs(out_dir: str | Path, summary: Mapping) -> dict:
+    """The summary with a "cost" on every model entry that lacks one and whose model is saved in the out dir (runs
+    made before entries carried their cost); entries that have one, or no model file, are left as they are."""
+    from . import checkpoint, cost
+
+    summary = copy.deepcopy(dict(summary))
+    for _, _, entry, folder in run_models(summary):
+        path = Path(out_dir) / folder / "model.safetensors"
+        if "cost" not in entry and path.is_file():
+            entry["cost"] = cost.summary(cost.workload(checkpoint.load_model(path)))
+    return summary
+
+
+def read_steps_csv(path: str | Path) -> list[dict]:
+    """steps.csv back as rows of numbers, booleans and None (empty cells), as the run wrote them."""
+    def value(text: str):
+        if text == "":
+            return None
+        if text in ("True", "False"):
+            return text == "True"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def remake_report(out_dir: str | Path) -> list[Path]:
+    """The report of a finished run made again from its summary.json and steps.csv, with the costs of models saved
+    before entries carried them: older runs get report.md, the latency columns and the new plots."""
+    out_dir = Path(out_dir)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    steps = out_dir / "steps.csv"
+    return write_report(out_dir, fill_costs(out_dir, summary), read_steps_csv(steps) if steps.is_file() else [])
 
 
 def write_report(out_dir: str | Path, summary: Mapping, history: Sequence[Mapping]) -> list[Path]:

@@ -107,3 +107,24 @@ def test_a_summary_without_costs_or_masks_still_reports(tmp_path):
     written = {p.name for p in report.write_report(tmp_path, summary, [])}
     assert "accuracy_vs_latency.png" not in written and "mask_iou.png" not in written
     assert "| BCD | 20 | 20 | 1 | – | 50.00 | 49.00 |" in (tmp_path / "report.md").read_text()
+
+
+def test_remake_report_costs_saved_models_and_keeps_the_step_table(tmp_path):
+    """A run made before entries carried their cost: remake_report costs its saved models and writes the report
+    again, steps.csv unchanged."""
+    import fastmask as fm
+    from fastmask.checkpoint import save_model
+
+    model = fm.models.create("resnet18", 10, 8, width=2, in_channels=1)
+    save_model(model, tmp_path / "targets" / "20" / "model.safetensors")
+    summary = {"targets": [{"budget": 20, "val_acc": 50.0, "test_acc": 49.0, "per_site": fm.MaskSet(model).per_site()}],
+               "config": {"bcd": {"adt": 0.5, "criterion": "accuracy"}}}
+    history = [{"step": 1, "budget_after": 20, "accepted_drop": 0.25, "fallback": False, "val_acc": None},
+               {"step": 2, "budget_after": 20, "accepted_drop": 0.75, "fallback": True, "val_acc": 50.0}]
+    report.write_report(tmp_path, summary, history)
+    steps = (tmp_path / "steps.csv").read_bytes()
+    written = {p.name for p in report.remake_report(tmp_path)}
+    assert {"accuracy_vs_latency.png", "accepted_drop.png", "report.md"} <= written
+    assert (tmp_path / "steps.csv").read_bytes() == steps
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["targets"][0]["cost"] == cost.summary(cost.workload(model))
