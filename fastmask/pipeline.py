@@ -205,7 +205,10 @@ class Pipeline:
         written = report.write_report(self.out, summary, history)
         for name, key in (("BCD", "targets"), ("SNL", "snl_targets")):
             for target in summary.get(key, []):
-                self.log(f"{name} at {target['budget']}: val {target['val_acc']:.2f}%, test {target['test_acc']:.2f}%")
+                seconds = report.latency(target, cost.DEFAULT_PROTOCOL)  # None for a target resumed from an older run
+                wan = "" if seconds is None else f", {seconds:.2f}s per image on the WAN ({cost.DEFAULT_PROTOCOL})"
+                self.log(f"{name} at {target['budget']}: val {target['val_acc']:.2f}%, test {target['test_acc']:.2f}%"
+                         + wan)
         self.log(f"done in {summary['seconds']:.0f}s; report: "
                  f"{', '.join(str(p.relative_to(self.out)) for p in written)}")
         return summary
