@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import __version__, checkpoint, data, distributed, models, report, train
+from . import __version__, checkpoint, cost, data, distributed, models, report, train
 from . import config as settings
 from .config import RunConfig
 from .errors import FastmaskError, UnknownSettings
@@ -205,17 +205,21 @@ class Pipeline:
         written = report.write_report(self.out, summary, history)
         for name, key in (("BCD", "targets"), ("SNL", "snl_targets")):
             for target in summary.get(key, []):
-                self.log(f"{name} at {target['budget']}: val {target['val_acc']:.2f}%, test {target['test_acc']:.2f}%")
+                seconds = report.latency(target, cost.DEFAULT_PROTOCOL)  # None for a target resumed from an older run
+                wan = "" if seconds is None else f", {seconds:.2f}s per image on the WAN ({cost.DEFAULT_PROTOCOL})"
+                self.log(f"{name} at {target['budget']}: val {target['val_acc']:.2f}%, test {target['test_acc']:.2f}%"
+                         + wan)
         self.log(f"done in {summary['seconds']:.0f}s; report: "
                  f"{', '.join(str(p.relative_to(self.out)) for p in written)}")
         return summary
 
     def measure(self, model: nn.Module) -> dict:
-        """ReLU count, val and test accuracy and loss (test is reported, never used to choose anything)."""
+        """ReLU count, val and test accuracy and loss (test is reported, never used to choose anything), and the
+        predicted private-inference cost (cost.summary: what the saved ReLUs buy), taken while the model is here."""
         val = train.evaluate(model, self.dataset.val_x, self.dataset.val_y, self.dataset, self.device)
         test = train.evaluate(model, self.dataset.test_x, self.dataset.test_y, self.dataset, self.device)
         return {"relu_count": relu_count(model), "val_acc": val[0], "val_loss": val[1], "test_acc": test[0],
-                "test_loss": test[1]}
+                "test_loss": test[1], "cost": cost.summary(cost.workload(model))}
 
     def finetune_config(self, epochs: Optional[int] = None) -> train.TrainConfig:
         return train.finetune_recipe(self.config.finetune, self.config.model.arch, self.dataset.name, epochs)

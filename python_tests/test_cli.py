@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import fastmask as fm
-from fastmask import cli, train
+from fastmask import cli, cost, train
 from fastmask import config as settings
 from fastmask.checkpoint import save_model
 from fastmask.pipeline import Pipeline
@@ -202,7 +202,8 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     out = tmp_path / "run"
     assert cli.main(TINY + ["--out", str(out)]) == 0
     expected = ["config.yaml", "steps.csv", "summary.json", "checkpoints/last.pt", "baseline/model.safetensors",
-                "snl/model.safetensors", "plots/accuracy_vs_budget.png", "plots/accepted_drop.png"]
+                "snl/model.safetensors", "plots/accuracy_vs_budget.png", "plots/accepted_drop.png", "report.md",
+                "plots/accuracy_vs_latency.png", "plots/mask_iou.png"]
     for budget in (2600, 2200):
         expected += [f"targets/{budget}/model.safetensors", f"targets/{budget}/masks.safetensors",
                      f"targets/{budget}/masks.safetensors.json", f"plots/per_site_{budget}.png"]
@@ -216,6 +217,8 @@ def test_tiny_run_makes_every_output_and_resume_of_a_finished_run_changes_nothin
     assert [t["budget"] for t in summary["targets"]] == [2600, 2200]
     assert all(0 <= t["test_acc"] <= 100 and 0 <= t["val_acc"] <= 100 for t in summary["targets"])
     assert summary["snl"]["budget"] == 3000 and summary["start"]["relu_count"] == 3000
+    assert [t["cost"]["relus"] for t in summary["targets"]] == [2600, 2200]
+    assert summary["mask_iou"]["masks"] == ["BCD 2600", "BCD 2200"] and summary["mask_iou"]["bcd_vs_snl"] == {}
     if "gpu" not in summary["machine"]:  # scored on the CPU: the pass sizes it chose
         assert all(p["rows"] >= 1 for p in summary["machine"]["cpu_scoring_passes"])
     model = fm.checkpoint.load_model(out / "targets" / "2200" / "model.safetensors")
@@ -282,6 +285,18 @@ def test_method_both_gives_snl_the_compute_bcd_spent(tmp_path):
         assert summary["compute"]["snl_per_target"][str(t["budget"])]["train_images"] == t["train_images"]
     rows = list(csv.DictReader((out / "steps.csv").open()))
     assert sum(int(r["forward_images"]) for r in rows) == summary["compute"]["bcd"]["forward_images"]
+    # the report speaks latency: every model carries its predicted cost, which the table and the plots read
+    for entry in summary["targets"] + summary["snl_targets"] + [summary["baseline"], summary["snl"], summary["start"]]:
+        assert entry["cost"]["relus"] == entry.get("relu_count", entry.get("budget"))
+        assert set(entry["cost"]["protocols"]) == set(cost.PROTOCOLS)
+    assert summary["targets"][-1]["cost"]["protocols"]["crypten-public"]["wan_seconds"] < \
+        summary["baseline"]["cost"]["protocols"]["crypten-public"]["wan_seconds"]
+    assert set(summary["mask_iou"]["bcd_vs_snl"]) == {"2600", "2200"}
+    assert all(0 <= v <= 1 for v in summary["mask_iou"]["bcd_vs_snl"].values())
+    for name in ["report.md", "plots/accuracy_vs_latency.png", "plots/mask_iou.png",
+                 "plots/per_site_bcd_vs_snl_2600.png", "plots/per_site_bcd_vs_snl_2200.png"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "| BCD | 2,200 | 2,200 |" in (out / "report.md").read_text()
 
 
 def test_polynomial_replacement_is_fitted_trained_and_saved(tmp_path):

@@ -470,8 +470,10 @@ class BCD:
         """Saves the model at a target: a ReLU budget (target), or a latency target passed at `target` ReLUs."""
         directory = self.out_dir / "targets" / str(target)
         metrics = dict(self.evaluate_target(self.model))
+        from .. import cost  # the predicted private-inference cost, taken while the target's model is in memory
+
         entry = {"budget": int(target), "step": self.step, **metrics, **self.compute(),
-                 "per_site": self.mask_set.per_site()}
+                 "per_site": self.mask_set.per_site(), "cost": cost.summary(cost.workload(self.model))}
         if self.pricing is not None:
             entry.update({"latency_seconds": self.latency(), "latency_model": self.pricing.describe()})
         if latency_target is not None:
