@@ -115,13 +115,13 @@ def main(argv=None) -> dict:
     modes = RUNTIMES[args.runtime]
     for name in modes.values():
         mine = [m for m in runs if m.protocol == name]
-        protocol, _ = cost.fit(mine, cost.get_protocol(name))
+        protocol, _ = cost.fit(mine, cost.FIT_STARTS[name])
         fitted[name] = dataclasses.asdict(protocol)
-        for label, row in zip(labels, cost.residuals(mine, cost.get_protocol(name))):
+        for label, row in zip(labels, cost.residuals(mine, cost.FIT_STARTS[name])):
             shipped_rows.append({"protocol": name, "model": label, **row})
     payload = {"width": args.width, "images": args.images, "machine": report.machine(), "fitted": fitted,
                "runtime": args.runtime,
-               "shipped": {name: dataclasses.asdict(cost.get_protocol(name)) for name in modes.values()},
+               "shipped": {name: dataclasses.asdict(cost.FIT_STARTS[name]) for name in modes.values()},
                "shipped_residuals": shipped_rows}
     out = Path(args.out or REPO / "bench" / "results" / f"pi_cost_{args.runtime}")
     report.write_json(out / "pi_cost.json", payload)
