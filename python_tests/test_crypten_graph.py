@@ -60,3 +60,23 @@ def test_linear_graph_forward_matches_crypten_order_and_values(tmp_path, polynom
     assert len(ours[0]) == len(graph._graph)
     ours_again = recorded_run(graph, crypten_compat.linear_graph_forward)  # the cached schedule
     assert ours_again == theirs
+
+
+def test_plain_settings_keep_every_value_and_temp_override():
+    crypten_compat.import_crypten()
+    from crypten.config import CrypTenConfig
+
+    omega, plain = CrypTenConfig(), CrypTenConfig()
+    crypten_compat.plain_settings(plain)
+
+    def leaves(node, prefix=""):
+        for key in node:
+            value = node[key] if hasattr(node, "__getitem__") and not hasattr(node, "__dict__") else getattr(node, key)
+            yield from leaves(value, f"{prefix}{key}.") if hasattr(value, "keys") else [(f"{prefix}{key}", value)]
+
+    for dotted, value in leaves(omega.config):
+        assert plain[dotted] == value, dotted
+    before = plain["functions.max_method"]
+    with plain.temp_override({"functions.max_method": "pairwise", "encoder.precision_bits": 12}):
+        assert plain["functions.max_method"] == "pairwise" and plain["encoder.precision_bits"] == 12
+    assert plain["functions.max_method"] == before and plain["encoder.precision_bits"] == omega["encoder.precision_bits"]
