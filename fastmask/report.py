@@ -23,7 +23,7 @@ from .search import cpu_pass
 STEP_COLUMNS = ["step", "target", "budget_before", "budget_after", "removed", "ref_acc", "ref_loss",
                 "ref_se_points", "scoring_images", "tries_scored", "rt", "accepted_index", "accepted_drop",
                 "accepted_acc", "accepted_loss", "fallback", "val_acc", "val_loss", "forward_images", "train_images",
-                "seconds_scoring", "seconds_finetune", "seconds"]
+                "seconds_scoring", "seconds_finetune", "seconds", "latency_seconds", "sites"]
 
 
 def machine() -> dict:

@@ -71,6 +71,6 @@ def test_every_kind_of_difference_is_found(tmp_path):
 
     assert changed("masks", flip_a_mask) == ["targets/860/masks.safetensors"]
     assert changed("weights", nudge_a_weight) == ["targets/860/model.safetensors"]
-    assert changed("steps", another_reference) == ["steps.csv (1 steps, 20 columns, timings left out)"]
+    assert changed("steps", another_reference) == ["steps.csv (1 steps, 22 columns, timings left out)"]
     assert changed("summary", another_accuracy) == ["summary.json target 860"]
     assert tool.main([str(before), str(tmp_path / "masks")]) == 1
