@@ -17,7 +17,6 @@ other protocols beside it). Nothing is chosen on test accuracy. Writes latency_<
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path

@@ -79,8 +79,8 @@ def measure(width: int, count: int, work: Path, runtime: str) -> list[cost.Measu
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"{payload['runtime']} units fitted from {payload['images']} image(s) per run, resnet18 width {payload['width']} on "
-             "16x16 digits (bench/pi_cost.py).", "",
+    lines = [f"{payload['runtime']} units fitted from {payload['images']} image(s) per run, resnet18 width "
+             f"{payload['width']} on 16x16 digits (bench/pi_cost.py).", "",
              "| protocol | bytes/ReLU | rounds/site | bytes fixed | rounds fixed | bytes/product | rounds/product site "
              "| s fixed | s/ReLU | s/site |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, units in payload["fitted"].items():
@@ -93,7 +93,8 @@ def markdown(payload: dict) -> str:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in payload["shipped_residuals"]:
         predicted_s = "" if row["predicted_seconds"] is None else f"{row['predicted_seconds']:.3f}"
-        lines.append(f"| {row['protocol']} | {row['model']} | {row['relus']:,} | {row['sites']} | {row['products']:,} | "
+        lines.append(f"| {row['protocol']} | {row['model']} | {row['relus']:,} | {row['sites']} | "
+                     f"{row['products']:,} | "
                      f"{row['bytes']:,.0f} | {row['predicted_bytes']:,.0f} | {row['bytes_error_percent']:+.2f} | "
                      f"{row['rounds']:.0f} | {row['predicted_rounds']:.0f} | {row['rounds_error_percent']:+.2f} | "
                      f"{row['seconds']:.3f} | {predicted_s} |")

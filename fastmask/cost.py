@@ -268,7 +268,8 @@ def predict(load: Workload, protocol: Protocol) -> Cost:
     rounds = (p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_relu * load.relus
               + p.rounds_per_product_site * load.product_sites)
     if p.secret_weights:
-        bytes_ += p.bytes_per_linear_element * sum(l.input_elements + l.weight_elements for l in load.linear)
+        bytes_ += p.bytes_per_linear_element * sum(layer.input_elements + layer.weight_elements
+                                                     for layer in load.linear)
         rounds += p.rounds_per_linear_layer * len(load.linear)
     seconds = None
     if p.seconds_fixed is not None:

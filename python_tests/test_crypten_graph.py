@@ -79,4 +79,5 @@ def test_plain_settings_keep_every_value_and_temp_override():
     before = plain["functions.max_method"]
     with plain.temp_override({"functions.max_method": "pairwise", "encoder.precision_bits": 12}):
         assert plain["functions.max_method"] == "pairwise" and plain["encoder.precision_bits"] == 12
-    assert plain["functions.max_method"] == before and plain["encoder.precision_bits"] == omega["encoder.precision_bits"]
+    assert plain["functions.max_method"] == before
+    assert plain["encoder.precision_bits"] == omega["encoder.precision_bits"]

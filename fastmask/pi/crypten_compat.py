@@ -103,12 +103,10 @@ def _schedule(graph) -> tuple[list[str], dict[str, int]]:
     pending = list(graph._graph)
     order = []
     while pending:
-        for index, name in enumerate(pending):
-            if all(i in computed for i in graph._graph[name]):
-                break
-        else:
+        name = next((n for n in pending if all(i in computed for i in graph._graph[n])), None)
+        if name is None:
             raise ValueError("nn.Graph.forward() failed. Is graph unconnected?")
-        pending.pop(index)
+        pending.remove(name)
         order.append(name)
         computed.add(name)
         computed.update(getattr(graph._modules[name], "_output_names", None) or ())

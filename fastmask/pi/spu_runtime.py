@@ -37,7 +37,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +45,7 @@ import torch
 
 from ..errors import FastmaskError
 from . import spu_env
+from .parties import supervise
 
 MODES = ("public", "secret")
 PROTOCOLS = ("cheetah", "semi2k")
@@ -161,22 +161,7 @@ def _launch(python: Path, work: Path, timeout: float) -> None:
         processes.append(subprocess.Popen([str(python), str(spu_env.PARTY_SCRIPT), "party", "--rank", str(rank),
                                            "--work", str(work)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                           cwd=str(work)))
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in processes):
-            if any(p.returncode not in (None, 0) for p in processes):
-                break
-            if time.monotonic() > deadline:
-                raise FastmaskError(f"the SPU two-party run took longer than {timeout:.0f}s; use fewer --images")
-            time.sleep(0.05)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
+    failed = supervise(processes, logs, timeout, "the SPU two-party run")
     if failed:
         lines = (work / f"party{failed[0]}.log").read_text().strip().splitlines()
         errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import FastmaskError
 from .crypten_compat import import_crypten, party_environment, plain_settings
+from .parties import supervise
 
 MODES = ("public", "secret")
 WORLD_SIZE = 2
@@ -84,23 +85,7 @@ def _launch(work: Path, timeout: float) -> None:
         logs.append(log)
         processes.append(subprocess.Popen([sys.executable, "-m", "fastmask.pi.two_party", "--rank", str(rank),
                                            "--work", str(work)], env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        # Poll both: when one party dies the other would wait on it forever, so it is stopped at once.
-        while any(p.poll() is None for p in processes):
-            if any(p.returncode not in (None, 0) for p in processes):
-                break
-            if time.monotonic() > deadline:
-                raise FastmaskError(f"the two-party run took longer than {timeout:.0f}s; use fewer --images")
-            time.sleep(0.05)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
+    failed = supervise(processes, logs, timeout, "the two-party run")
     if failed:
         tail = (work / f"party{failed[0]}.log").read_text().strip().splitlines()[-1:] or ["no output"]
         raise FastmaskError(f"CrypTen party {failed[0]} failed (exit {processes[failed[0]].returncode}): {tail[0]}")

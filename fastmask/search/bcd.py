@@ -444,8 +444,8 @@ class BCD:
                 acc, loss = result.best_scores
                 return Choice(result.best, result.accepted is None, acc, loss, len(candidates),
                               result.forward_images)
-            drops = [reference[0] - a if config.criterion == "accuracy" else l - reference[1]
-                     for a, l in zip(result.accuracy, result.loss)]
+            drops = [reference[0] - a if config.criterion == "accuracy" else loss - reference[1]
+                     for a, loss in zip(result.accuracy, result.loss)]
             savings = [self.pricing.saving(candidates[i], self.mask_set) for i in result.survivors]
             position, fallback = choose_by_saving(drops, savings, config.adt)
             return Choice(result.survivors[position], fallback, result.accuracy[position], result.loss[position],
