@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from .cost import PROTOCOLS
 from .errors import FastmaskError, UnknownSettings
 
 CRITERIA = ("accuracy", "loss")
@@ -77,12 +78,6 @@ def known_network(value: str) -> Optional[str]:
     except FastmaskError as err:
         return str(err).replace("--network takes ", "must be ")
     return None
-
-
-def known_protocol(value: str) -> Optional[str]:
-    from .cost import PROTOCOLS
-
-    return None if value in PROTOCOLS else f"must be one of {', '.join(PROTOCOLS)}"
 
 
 def positive(value) -> Optional[str]:
@@ -185,8 +180,8 @@ class BCDConfig:
                                  "emptying a site saves its rounds", choices=COSTS)
     network: str = setting("wan", "the network latencies are predicted on: lan, wan, or BANDWIDTH_MBIT,RTT_MS",
                            check=known_network)
-    protocol: str = setting("crypten-public", "the two-party protocol latencies are predicted for (fastmask.cost."
-                                              "PROTOCOLS)", check=known_protocol)
+    protocol: str = setting("crypten-public", "the two-party protocol latencies are predicted for (fastmask/cost.py)",
+                            choices=tuple(PROTOCOLS))
     latency_targets: Optional[list[float]] = setting(
         None, "targets as predicted latencies in seconds (on --network under --protocol), strictly descending, "
               "instead of --targets: each is saved when the prediction first falls to it (--method bcd)",

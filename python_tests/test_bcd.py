@@ -314,7 +314,7 @@ def changed(setting: dataclasses.Field, value):
     """Another valid value of a BCD setting."""
     if setting.metadata["choices"]:
         return next(choice for choice in setting.metadata["choices"] if choice != value)
-    other = {"network": "lan", "protocol": "gc-delphi", "latency_targets": [1.0]}
+    other = {"network": "lan", "latency_targets": [1.0]}
     if setting.name in other:
         return other[setting.name]
     if isinstance(value, list):
