@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 
 from . import __version__, checkpoint, data, distributed, models, report, train
+from .checkpoint import model_spec
 from . import config as settings
 from .config import RunConfig
 from .errors import FastmaskError, UnknownSettings
 from .masks import MaskSet
+from .models import external
 from .nn import relu_count
 from .search import polynomial, snl
 from .search.bcd import BCDResult, run_bcd
@@ -57,7 +59,8 @@ def run_dataset(config: RunConfig) -> data.Dataset:
     """The dataset a run trains and measures on: its data settings, the val split chosen by its seed."""
     val_size = config.data.val_size
     return data.load_dataset(config.data.dataset, config.data.data_dir,
-                             val_size=int(val_size) if val_size >= 1 else float(val_size), seed=config.seed)
+                             val_size=int(val_size) if val_size >= 1 else float(val_size), seed=config.seed,
+                             image_size=config.data.image_size, mean=config.data.mean, std=config.data.std)
 
 
 class Pipeline:
@@ -95,24 +98,45 @@ class Pipeline:
             path = getattr(config.model, name)
             if path is not None and not Path(path).is_file():
                 raise FastmaskError(f"{name} {path} does not exist")
+        arch = config.model.arch
+        if arch is not None and not external.is_builtin(arch):
+            config.model.arch = arch = external.canonical(arch)
+            if config.model.width is not None:
+                raise FastmaskError(f"--width sets the channels of the built-in archs; {arch} has its own")
+            external.resolve_builder(arch)  # a builder that cannot be imported fails before the data is read
         dataset = run_dataset(config)
-        expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
-                    "in_channels": dataset.in_channels, "arch": config.model.arch, "width": config.model.width}
-        if config.model.checkpoint is not None:
-            spec, _ = checkpoint.read_spec(config.model.checkpoint)
-            checkpoint.check_spec(spec, expected, config.model.checkpoint)
+        dims = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
+                "in_channels": dataset.in_channels}
+        expected = {**dims, "arch": config.model.arch, "width": config.model.width}
+        path = config.model.checkpoint
+        if path is not None and checkpoint.is_fastmask_checkpoint(path):
+            spec, _ = checkpoint.read_spec(path)
+            checkpoint.check_spec(spec, expected, path)
             config.model.arch, config.model.width = spec["arch"], spec["width"]
-            model = checkpoint.load_model(config.model.checkpoint, device=device)
+            model = checkpoint.load_model(path, device=device)
+        elif path is not None:  # the user's own weights: a state_dict for --arch
+            if config.model.arch is None:
+                raise FastmaskError(f"checkpoint {path} is a plain state_dict, not a fastmask checkpoint: name its "
+                                    "model with --arch (e.g. --arch torchvision:resnet50 or --arch my_model.py:build)")
+            model = checkpoint.load_weights(path, config.model.arch, **dims).to(device)
+            config.model.width = model_spec(model)["width"]
+        elif not external.is_builtin(config.model.arch):
+            torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
+            model = external.build(config.model.arch, **dims).to(device)
         else:
             config.model.arch = config.model.arch or "resnet18"
             config.model.width = config.model.width or models.default_width(config.model.arch)
             torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
             model = models.create(config.model.arch, dataset.num_classes, dataset.image_size,
                                   width=config.model.width, in_channels=dataset.in_channels).to(device)
+        if not external.is_builtin(config.model.arch):
+            others = external.other_activations(model)
+            log(f"model: {config.model.arch}, {len(MaskSet(model).sites)} ReLU sites, {MaskSet(model).total():,} "
+                "ReLUs; other activations, left as they are: "
+                + (", ".join(f"{n} {k}" for k, n in sorted(others.items())) or "none"))
         teacher = None
         if config.model.teacher is not None:
-            teacher = checkpoint.load_model(config.model.teacher, expected={"num_classes": dataset.num_classes},
-                                            device=device)
+            teacher = checkpoint.load_any(config.model.teacher, config.model.arch, **dims, device=device)
         count = MaskSet(model).count()
         ref_budget = config.snl.ref_budget
         config.bcd.validate(count if ref_budget is None else min(count, ref_budget))
@@ -238,8 +262,8 @@ class Pipeline:
             self.log(f"baseline: loaded from {path}")
         else:
             epochs = self.config.baseline.epochs
-            self.log(f"baseline: training {self.config.model.arch} (width {self.config.model.width}) for {epochs} "
-                     "epochs")
+            width = "" if self.config.model.width is None else f" (width {self.config.model.width})"
+            self.log(f"baseline: training {self.config.model.arch}{width} for {epochs} epochs")
             t0 = time.perf_counter()
             config = train.baseline_config(epochs)
             config.seed = self.config.seed

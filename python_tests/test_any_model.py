@@ -1,0 +1,249 @@
+"""Any ReLU network through the pipeline: --arch torchvision:<name> or file.py:function, the user's state_dict as
+--checkpoint, folder datasets, and every bad input as one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fastmask as fm
+from fastmask import cli
+from fastmask.checkpoint import load_any, load_model, read_state_dict
+from fastmask.errors import FastmaskError
+from fastmask.models import external
+
+BUILDER = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    class Small(nn.Module):
+        def __init__(self, num_classes=3):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.act = nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.six = nn.ReLU6()
+            self.fc = nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            x = self.act(self.bn1(self.conv1(x)))
+            x = F.relu(self.bn2(self.conv2(x)) + x)
+            x = self.six(x)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+    def build(num_classes=3):
+        return Small(num_classes)
+
+
+    def no_relu():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+
+
+    def broken():
+        raise RuntimeError("no GPU in this builder")
+
+
+    def fixed_head():
+        return Small(5)
+''')
+
+TINY = ["--baseline-epochs", "1", "--targets", "300,250", "--drc", "25", "--rt", "2", "--finetune-epochs", "1",
+        "--score-subset", "32", "--adt", "50", "--finetune-target-epochs", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    pass
+
+
+@pytest.fixture
+def builder(tmp_path) -> Path:
+    path = tmp_path / "my_model.py"
+    path.write_text(BUILDER)
+    return path
+
+
+@pytest.fixture
+def npz(tmp_path) -> Path:
+    """3 classes of 8x8 RGB images whose class is their mean brightness: learnable in a step or two."""
+    generator = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.arange(n) % 3
+        images = generator.integers(0, 60, size=(n, 8, 8, 3)) + 80 * labels[:, None, None, None]
+        return images.astype(np.uint8), labels.astype(np.int64)
+
+    x_train, y_train = split(96)
+    x_test, y_test = split(24)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def plain_weights(builder: Path, tmp_path: Path, suffix: str = ".pt") -> Path:
+    """A state_dict as plain PyTorch saves it."""
+    model = external.build_plain(f"{builder}:build", 3)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+# ---- models --------------------------------------------------------------------------------------------------------
+def test_user_builder_is_converted_with_its_spec_and_other_activations_counted(builder):
+    model = external.build(f"{builder}:build", 3, 8)
+    assert isinstance(model, external.ConvertedModel)
+    assert model.fastmask_spec["arch"] == f"{builder.resolve()}:build"
+    assert len(fm.masked_sites(model)) == 2 and fm.relu_count(model) == 2 * 4 * 8 * 8
+    assert external.other_activations(model) == {"ReLU6": 1}
+
+
+def test_torchvision_builder_by_name_takes_the_data_class_count():
+    model = external.build("torchvision:resnet18", 7, 16).eval()
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 7)
+    assert len(fm.masked_sites(model)) == 17
+
+
+def test_checkpoint_of_a_converted_model_rebuilds_it(builder, tmp_path):
+    torch.manual_seed(0)
+    model = external.build(f"{builder}:build", 3, 8).eval()
+    fm.MaskSet(model).remove(torch.arange(0, 50))
+    path = tmp_path / "m.safetensors"
+    from fastmask.checkpoint import save_model
+
+    save_model(model, path)
+    loaded = load_model(path).eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert fm.relu_count(loaded) == fm.relu_count(model) == 2 * 4 * 64 - 50
+
+
+def test_a_builder_gone_at_load_time_is_one_error_naming_it(builder, tmp_path):
+    from fastmask.checkpoint import save_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(external.build(f"{builder}:build", 3, 8), path)
+    builder.rename(tmp_path / "moved.py")
+    with pytest.raises(FastmaskError, match="my_model.py"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_user_state_dict_is_loaded_before_conversion(builder, tmp_path, suffix):
+    path = plain_weights(builder, tmp_path, suffix)
+    reference = external.build_plain(f"{builder}:build", 3)
+    reference.load_state_dict(read_state_dict(path))
+    model = load_any(path, f"{builder}:build", 3, 8).eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference.eval()(x))
+
+
+def test_a_pickled_module_is_refused_without_unpickling(builder, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(external.build_plain(f"{builder}:build", 3), path)
+    with pytest.raises(FastmaskError, match=r"state_dict\(\)"):
+        read_state_dict(path)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+def test_builder_and_plain_weights_run_the_pipeline_without_a_baseline(builder, npz, tmp_path, capsys):
+    weights = plain_weights(builder, tmp_path)
+    out = tmp_path / "run"
+    code = cli.main(["--dataset", f"npz:{npz}", "--arch", f"{builder}:build", "--checkpoint", str(weights),
+                     "--out", str(out)] + TINY)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "ReLU6" in captured.out and "baseline: training" not in captured.out
+    assert not (out / "baseline").exists()
+    for budget in (300, 250):
+        model = load_model(out / "targets" / str(budget) / "model.safetensors")
+        assert fm.relu_count(model) == budget
+
+
+def test_torchvision_arch_trains_a_baseline_and_resumes_identically(npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--dataset", f"npz:{npz}", "--arch", "torchvision:resnet18", "--ref-budget", "1000", "--snl-epochs", "1",
+            "--snl-finetune-epochs", "0", "--out", str(out)] + TINY
+    argv[argv.index("300,250")] = "900,800"
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    masks = {b: fm.MaskSet(load_model(out / "targets" / str(b) / "model.safetensors")).snapshot() for b in (900, 800)}
+    # the run from its SNL model on: the same settings with --resume make the same masks
+    for folder in ("targets", "checkpoints"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    for name in ("steps.csv", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    assert cli.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    for budget, before in masks.items():
+        after = fm.MaskSet(load_model(out / "targets" / str(budget) / "model.safetensors")).snapshot()
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def _bad_inputs(builder: Path, npz: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
+    weights = plain_weights(builder, tmp_path)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(external.build_plain(f"{builder}:build", 3), pickled)
+    other = tmp_path / "other.pt"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "extra.weight": torch.zeros(1)}, other)
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    (empty / "dog").mkdir()
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (10, 10)).save(one / "cat" / "a.png")
+    unreadable = tmp_path / "unreadable"
+    for name in ("cat", "dog"):
+        (unreadable / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(unreadable / name / f"{i}.png")
+    good = tmp_path / "good"
+    shutil.copytree(unreadable, good)
+    (unreadable / "dog" / "broken.png").write_bytes(b"not a png at all")
+    data = ["--dataset", f"npz:{npz}"]
+    arch = f"{builder}:build"
+    return [
+        (data + ["--arch", f"{builder}:no_relu"], "no ReLU"),
+        (data + ["--arch", f"{builder}:broken"], "builder raised RuntimeError"),
+        (data + ["--arch", f"{builder}:nothing_here"], "has no function 'nothing_here'"),
+        (data + ["--arch", str(tmp_path / "absent.py") + ":build"], "does not exist"),
+        (data + ["--arch", "torchvision:resnet4000"], "torchvision has no model"),
+        (data + ["--arch", arch, "--checkpoint", str(pickled)], "torch.save(model.state_dict(), path)"),
+        (data + ["--arch", arch, "--checkpoint", str(other)], "missing"),
+        (data + ["--arch", f"{builder}:fixed_head"], "outputs 5 classes but the data has 3"),
+        (["--dataset", f"folder:{empty}", "--arch", arch], "has no images"),
+        (["--dataset", f"folder:{one}", "--arch", arch], "has one class"),
+        (["--dataset", f"folder:{unreadable}", "--arch", arch], "cannot read image"),
+        (["--dataset", f"folder:{good}", "--image-size", "4", "--arch", "torchvision:vgg11_bn"],
+         "cannot take 3x4x4 images"),
+        (["--dataset", f"folder:{good}", "--image-size", "200000", "--arch", arch], "GiB of memory"),
+        (data + ["--checkpoint", str(weights)], "name its model with --arch"),
+        (data + ["--arch", arch, "--width", "8"], "has its own"),
+    ]
+
+
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(builder, npz, tmp_path, capsys):
+    cases = _bad_inputs(builder, npz, tmp_path)
+    assert len(cases) >= 10
+    for index, (argv, expected) in enumerate(cases):
+        out = tmp_path / f"out{index}"
+        code = cli.main(argv + ["--targets", "100", "--out", str(out), "--quiet", "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert len(err.splitlines()) == 1 and err.startswith("fastmask-linearize: error: "), err
+        assert expected in err, (expected, err)
+        assert not out.exists()
