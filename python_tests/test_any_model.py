@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fastmask as fm
 from fastmask import cli
@@ -55,6 +56,12 @@ BUILDER = textwrap.dedent('''
 
     def fixed_head():
         return Small(5)
+
+
+    def relu_only(num_classes=3):
+        model = Small(num_classes)
+        model.six = nn.Identity()
+        return model
 ''')
 
 TINY = ["--baseline-epochs", "1", "--targets", "300,250", "--drc", "25", "--rt", "2", "--finetune-epochs", "1",
@@ -247,3 +254,82 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(builder, npz, tmp_path
         assert len(err.splitlines()) == 1 and err.startswith("fastmask-linearize: error: "), err
         assert expected in err, (expected, err)
         assert not out.exists()
+
+
+# ---- export --------------------------------------------------------------------------------------------------------
+class _Pools(nn.Module):
+    """Every lowering kind: folded and unfolded BN, functional pools, an adaptive pool that upsamples and one that
+    does not divide, concat, a method flatten and a view."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn_free = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.up = nn.AdaptiveAvgPool2d((3, 3))
+        self.odd = nn.AdaptiveAvgPool2d((3, 3))
+        self.fc = nn.Linear(8 * 9 + 8 * 9, num_classes)
+
+    def forward(self, x):
+        a = torch.relu(self.bn(self.conv(x)))
+        b = torch.cat([a, F.avg_pool2d(F.max_pool2d(a, 3, 1, 1), 3, 1, 1)], 1)
+        b = self.bn_free(b).relu()
+        c = F.relu(self.grouped(b)) + b
+        small = self.up(F.max_pool2d(c, 4))  # 2x2 -> 3x3
+        odd = self.odd(F.avg_pool2d(c, 2, 2, 0, True))  # 4x4 -> 3x3 does not divide
+        return self.fc(torch.cat([small.flatten(1), odd.view(odd.size(0), -1)], 1))
+
+
+def _randomized(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
+    masks = fm.MaskSet(model)
+    masks.remove(torch.randperm(masks.total(), generator=generator)[: masks.total() // 2])
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", ["pools", "torchvision:resnet18", "torchvision:densenet121"])
+def test_export_of_converted_models_keeps_relu_on_kept_positions_and_matches_pytorch(make, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from fastmask.pi.export import build_onnx, relu_elements
+
+    torch.manual_seed(0)
+    size = {"pools": 8, "torchvision:resnet18": 16}.get(make, 32)
+    plain = _Pools() if make == "pools" else external.build_plain(make, 3)
+    model = _randomized(external.convert_plain(plain, make, 3, size), 0)
+    proto, manifest, _ = build_onnx(model)
+    assert relu_elements(proto) == fm.relu_count(model) == manifest["relu_count"]
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    if make == "pools":
+        kinds = {node.op_type for node in proto.graph.node}
+        assert {"MatMul", "AveragePool", "MaxPool", "Concat", "Mul"} <= kinds  # every path was taken
+
+
+def test_fastmask_export_command_on_a_converted_checkpoint(builder, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from fastmask.checkpoint import save_model
+
+    other = tmp_path / "relu6.safetensors"
+    save_model(external.build(f"{builder}:build", 3, 8), other)
+    assert cli.export_main([str(other)]) == 2
+    assert "cannot lower six (ReLU6)" in capsys.readouterr().err
+    model = _randomized(external.build(f"{builder}:relu_only", 3, 8), 1)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    assert cli.export_main([str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"{fm.relu_count(model):,} of 512 ReLUs kept" in out
+    difference = float(out.split("max |logit difference|")[1].split()[0])
+    assert difference < 1e-4
