@@ -83,7 +83,16 @@ def load_model(path: str | Path, expected: dict | None = None, device: str | tor
 
     spec, _ = read_spec(path)
     check_spec(spec, expected or {}, path)
-    model = build_from_spec(spec)
+    return load_into(build_from_spec(spec), path, spec["arch"], device)
+
+
+def load_into(model: nn.Module, path: str | Path, arch: Optional[str] = None,
+              device: str | torch.device = "cpu") -> nn.Module:
+    """Loads a fastmask checkpoint's weights, masks and coefficients into `model` (built as its spec says, or a copy of
+    the model the checkpoint was saved from); returns the model on `device`."""
+    from safetensors.torch import load_file
+
+    arch = arch or read_spec(path)[0]["arch"]
     try:
         state = load_file(str(path))
     except Exception as err:
@@ -97,9 +106,9 @@ def load_model(path: str | Path, expected: dict | None = None, device: str | tor
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch: the spec lied about the weights
-        raise FastmaskError(f"checkpoint {path} does not fit {spec['arch']}: {str(err).splitlines()[0]}") from err
+        raise FastmaskError(f"checkpoint {path} does not fit {arch}: {str(err).splitlines()[0]}") from err
     if missing or unexpected:
-        raise FastmaskError(f"checkpoint {path} does not fit {spec['arch']}: missing {missing[:3]}, "
+        raise FastmaskError(f"checkpoint {path} does not fit {arch}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
     return model.to(device)
 

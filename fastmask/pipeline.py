@@ -85,7 +85,11 @@ class Pipeline:
     # ---- preparation: every check, nothing written ---------------------------------------------------------
     @classmethod
     def prepare(cls, config: RunConfig, *, resume: bool = False, progress: bool = True,
-                log: Callable[[str], None] = print) -> "Pipeline":
+                log: Callable[[str], None] = print, dataset: Optional[data.Dataset] = None,
+                model: Optional[nn.Module] = None, trained: bool = True) -> "Pipeline":
+        """The checked run. `dataset` and `model` (with a fastmask spec: built by fastmask.models, or converted)
+        replace the config's dataset and model, for fastmask.linearize; `trained` says whether that model skips the
+        baseline. Stages resumed from the out dir are then loaded into copies of `model`."""
         settings.validate(config)
         config.device = resolve_device(config.device)
         group = distributed.from_environment(config.device)  # None unless started by torchrun
@@ -104,12 +108,19 @@ class Pipeline:
             if config.model.width is not None:
                 raise FastmaskError(f"--width sets the channels of the built-in archs; {arch} has its own")
             external.resolve_builder(arch)  # a builder that cannot be imported fails before the data is read
-        dataset = run_dataset(config)
+        dataset = dataset if dataset is not None else run_dataset(config)
         dims = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
                 "in_channels": dataset.in_channels}
         expected = {**dims, "arch": config.model.arch, "width": config.model.width}
         path = config.model.checkpoint
-        if path is not None and checkpoint.is_fastmask_checkpoint(path):
+        template = None
+        if model is not None:
+            spec = model_spec(model)
+            checkpoint.check_spec(spec, dims, "the given model")
+            config.model.arch, config.model.width = spec["arch"], spec.get("width")
+            template = copy.deepcopy(model).cpu()
+            model = model.to(device)
+        elif path is not None and checkpoint.is_fastmask_checkpoint(path):
             spec, _ = checkpoint.read_spec(path)
             checkpoint.check_spec(spec, expected, path)
             config.model.arch, config.model.width = spec["arch"], spec["width"]
@@ -140,8 +151,10 @@ class Pipeline:
         count = MaskSet(model).count()
         ref_budget = config.snl.ref_budget
         config.bcd.validate(count if ref_budget is None else min(count, ref_budget))
-        pipeline = cls(config, dataset, model, trains_baseline=config.model.checkpoint is None, teacher=teacher,
+        trains = (not trained) if template is not None else config.model.checkpoint is None
+        pipeline = cls(config, dataset, model, trains_baseline=trains, teacher=teacher,
                        resume=resume, progress=progress, log=log, group=group)
+        pipeline.template = template
         pipeline._check_out_dir()
         if group is not None:  # every process has read the out dir before rank 0 writes to it
             group.barrier()
@@ -173,6 +186,14 @@ class Pipeline:
         if not self.resume:
             raise FastmaskError(f"out dir {self.out} already holds this run; pass --resume to continue it or choose "
                                 "another --out")
+
+    template: Optional[nn.Module] = None
+
+    def load(self, path: Path) -> nn.Module:
+        """A model this run saved: rebuilt from its spec, or loaded into a copy of the model the run was given."""
+        if self.template is None:
+            return checkpoint.load_model(path, device=self.device)
+        return checkpoint.load_into(copy.deepcopy(self.template), path, device=self.device)
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, stop_after: Optional[str] = None) -> dict:
@@ -248,7 +269,7 @@ class Pipeline:
         """A stage's saved result when resuming (its model becomes self.model), else None."""
         if not (self.resume and path.is_file()):
             return None
-        self.model = checkpoint.load_model(path, device=self.device)
+        self.model = self.load(path)
         return checkpoint.read_spec(path)[1]
 
     def baseline_stage(self) -> Optional[dict]:

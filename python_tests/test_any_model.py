@@ -333,3 +333,55 @@ def test_fastmask_export_command_on_a_converted_checkpoint(builder, tmp_path, ca
     assert f"{fm.relu_count(model):,} of 512 ReLUs kept" in out
     difference = float(out.split("max |logit difference|")[1].split()[0])
     assert difference < 1e-4
+
+
+# ---- fastmask.linearize --------------------------------------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 16, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+SMALL = dict(drc=20, rt=2, finetune_epochs=1, score_subset=32, adt=50.0, finetune_target_epochs=1, device="cpu")
+
+
+def _toy_tensors(n=90):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 3
+    images = (torch.randint(0, 60, (n, 8, 8, 3), generator=generator) + 80 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
+    return images, labels
+
+
+def test_linearize_returns_each_target_and_resumes_to_the_same_masks(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    images, labels = _toy_tensors()
+    out = tmp_path / "run"
+    result = fm.linearize(model, (images, labels), targets=[200, 150], out=str(out), **SMALL)
+    assert sorted(result) == [150, 200]
+    for budget, entry in result.items():
+        assert fm.relu_count(entry.model) == budget == sum(int(m.sum()) for m in entry.masks.values())
+        # the saved model is the returned one
+        again = load_model(out / "targets" / str(budget) / "model.safetensors")
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(again.eval()(x), entry.model.eval()(x))
+    # the same call with resume=True finds every stage done and returns the same masks
+    resumed = fm.linearize(model, (images, labels), targets=[200, 150], out=str(out), resume=True, **SMALL)
+    for budget in (200, 150):
+        assert all(torch.equal(resumed[budget].masks[k], result[budget].masks[k]) for k in result[budget].masks)
+    assert model.conv.weight.grad is None  # the caller's model is not trained in place
+
+
+def test_linearize_takes_a_torch_dataset_without_an_out_dir():
+    images, labels = _toy_tensors(60)
+    dataset = torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2).float() / 255, labels)
+    result = fm.linearize(Tiny(), dataset, targets=[220], **SMALL)
+    assert fm.relu_count(result[220].model) == 220
+    with pytest.raises(FastmaskError, match="no setting 'dcr'"):
+        fm.linearize(Tiny(), dataset, targets=[220], dcr=3)
