@@ -100,12 +100,17 @@ def load_dataset(name: str, data_dir: Optional[str] = None, val_size: int | floa
         raise FastmaskError(f"unknown dataset {name!r}; use cifar10, cifar100, tinyimagenet, digits, "
                             "npz:<path to a .npz file> or folder:<path to an image folder>")
     train_x, train_y, test_x, test_y, classes, stats, dataset_name = parts
-    mean, std = stats if stats is not None else channel_stats(train_x)
+    folder = key.lower().startswith("folder:")
+    # A folder's statistics are its train split's, without the val images; the other datasets keep theirs (taken
+    # before the val split), so their runs stay as they were.
+    mean, std = stats if stats is not None else (None, None) if folder else channel_stats(train_x)
     if given_val is not None:
         val_x, val_y = given_val
     else:
         train_idx, val_idx = split_indices(len(train_y), val_size, seed)
         train_x, train_y, val_x, val_y = train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
+    if stats is None and folder:
+        mean, std = channel_stats(train_x)
     return Dataset(name=dataset_name, num_classes=len(classes), image_size=int(train_x.shape[-1]),
                    in_channels=int(train_x.shape[1]), mean=tuple(float(m) for m in mean),
                    std=tuple(float(s) for s in std), classes=list(classes),

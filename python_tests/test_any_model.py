@@ -385,3 +385,59 @@ def test_linearize_takes_a_torch_dataset_without_an_out_dir():
     assert fm.relu_count(result[220].model) == 220
     with pytest.raises(FastmaskError, match="no setting 'dcr'"):
         fm.linearize(Tiny(), dataset, targets=[220], dcr=3)
+
+
+# ---- folder datasets -----------------------------------------------------------------------------------------------
+def _image_folder(root: Path, splits: dict[str, int], size=(40, 20)) -> None:
+    """Class k's images are a solid colour (k*100, 50, 200 - k*100) with a 4-pixel black border on the left and the
+    right edge, which the center crop must cut away."""
+    from PIL import Image
+
+    for split, count in splits.items():
+        for k in range(2):
+            folder = root / split / f"class_{k}" if split else root / f"class_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = Image.new("RGB", size, (k * 100, 50, 200 - k * 100))
+                for x in list(range(4)) + list(range(size[0] - 4, size[0])):
+                    for y in range(size[1]):
+                        image.putpixel((x, y), (0, 0, 0))
+                image.save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout", ["train_val_test", "train_test", "train_val", "single"])
+def test_folder_layouts_splits_and_center_crop(tmp_path, layout):
+    from fastmask import data
+
+    splits = {"train_val_test": {"train": 6, "val": 2, "test": 3}, "train_test": {"train": 6, "test": 3},
+              "train_val": {"train": 6, "val": 3}, "single": {"": 10}}[layout]
+    _image_folder(tmp_path / "images", splits)
+    ds = data.load_dataset(f"folder:{tmp_path / 'images'}", val_size=2, image_size=8)
+    assert ds.num_classes == 2 and ds.classes == ["class_0", "class_1"] and ds.train_x.shape[1:] == (3, 8, 8)
+    expected = {"train_val_test": (12, 4, 6), "train_test": (10, 2, 6), "train_val": (10, 2, 6),
+                "single": (14, 2, 4)}[layout]
+    assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == expected
+    # 40x20 -> 16x8 by the shorter side, then the middle 8 columns: no border pixel survives
+    for x, y in ((ds.train_x, ds.train_y), (ds.test_x, ds.test_y)):
+        colours = torch.tensor([[0, 50, 200], [100, 50, 100]], dtype=torch.uint8)
+        assert torch.equal(x, colours[y].view(-1, 3, 1, 1).expand_as(x).contiguous())
+    # normalization: from the train split, unless given
+    mean, std = data.channel_stats(ds.train_x)
+    assert ds.mean == pytest.approx(mean) and ds.std == pytest.approx(std)
+    given = data.load_dataset(f"folder:{tmp_path / 'images'}", val_size=2, image_size=8, mean=[0.5], std=[0.25])
+    assert given.mean == (0.5, 0.5, 0.5) and given.std == (0.25, 0.25, 0.25)
+
+
+def test_folder_is_decoded_once_into_the_cache(tmp_path, monkeypatch):
+    from fastmask import data
+
+    _image_folder(tmp_path / "images", {"train": 3, "test": 1})
+    first = data.load_dataset(f"folder:{tmp_path / 'images'}", val_size=1, image_size=8)
+    assert list(Path(data.decode_cache_dir()).glob("folder-*-8-train-*.npy"))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_decode_fitted", no_decoding)
+    again = data.load_dataset(f"folder:{tmp_path / 'images'}", val_size=1, image_size=8)
+    assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_x, again.test_x)
