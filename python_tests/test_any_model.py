@@ -159,6 +159,17 @@ def test_user_state_dict_is_loaded_before_conversion(builder, tmp_path, suffix):
     torch.testing.assert_close(model(x), reference.eval()(x))
 
 
+def test_plain_weights_of_a_built_in_arch_load_without_masks(tmp_path):
+    torch.manual_seed(0)
+    model = fm.models.create("resnet18", 3, 8, width=4).eval()
+    path = tmp_path / "plain.pth"
+    torch.save({"state_dict": {k: v for k, v in model.state_dict().items() if not k.endswith(".mask")}}, path)
+    loaded = load_any(path, "resnet18", 3, 8).eval()
+    assert loaded.fastmask_spec["width"] == 4 and fm.relu_count(loaded) == fm.MaskSet(loaded).total()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_a_pickled_module_is_refused_without_unpickling(builder, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(external.build_plain(f"{builder}:build", 3), path)
@@ -171,7 +182,7 @@ def test_builder_and_plain_weights_run_the_pipeline_without_a_baseline(builder, 
     weights = plain_weights(builder, tmp_path)
     out = tmp_path / "run"
     code = cli.main(["--dataset", f"npz:{npz}", "--arch", f"{builder}:build", "--checkpoint", str(weights),
-                     "--out", str(out)] + TINY)
+                     "--teacher", str(weights), "--out", str(out)] + TINY)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "ReLU6" in captured.out and "baseline: training" not in captured.out
