@@ -211,7 +211,7 @@ def load_plain_weights(model: nn.Module, state: dict, name: str, arch: str, allo
     except RuntimeError as err:  # a shape mismatch
         lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         raise FastmaskError(f"{name} does not fit {arch}: {lines[0] if lines else str(err).splitlines()[0]}") from err
-    missing = [k for k in missing if not k.endswith(allow_missing or ("\0",))]
+    missing = [k for k in missing if not (allow_missing and k.endswith(allow_missing))]
     if missing or unexpected:
         parts = []
         if missing:
