@@ -452,3 +452,30 @@ def test_folder_is_decoded_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_decode_fitted", no_decoding)
     again = data.load_dataset(f"folder:{tmp_path / 'images'}", val_size=1, image_size=8)
     assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_x, again.test_x)
+
+
+def test_polynomial_and_both_methods_on_a_converted_model_then_export(builder, npz, tmp_path, capsys):
+    """--method both --replacement polynomial: the site after a BN gets coefficients, the one after the residual add
+    keeps the identity; both methods land on their targets exactly, and the export matches PyTorch."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from fastmask.pi.export import build_onnx, relu_elements
+
+    out = tmp_path / "run"
+    argv = ["--dataset", f"npz:{npz}", "--arch", f"{builder}:relu_only", "--method", "both", "--replacement",
+            "polynomial", "--ref-budget", "400", "--snl-epochs", "1", "--snl-finetune-epochs", "0",
+            "--snl-target-epochs", "1", "--out", str(out)] + TINY
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    for folder in ("targets", "snl_targets"):
+        for budget in (300, 250):
+            model = load_model(out / folder / str(budget) / "model.safetensors").eval()
+            assert fm.relu_count(model) == budget
+            sites = [site for _, site in fm.masked_sites(model)]
+            assert [site.coeffs is not None for site in sites] == [True, False]
+            proto, _, _ = build_onnx(model)
+            assert relu_elements(proto) == budget
+            session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            x = torch.randn(4, 3, 8, 8)
+            with torch.no_grad():
+                expected = model(x)
+            got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
