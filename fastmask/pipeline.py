@@ -140,7 +140,7 @@ class Pipeline:
             torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
             model = models.create(config.model.arch, dataset.num_classes, dataset.image_size,
                                   width=config.model.width, in_channels=dataset.in_channels).to(device)
-        if not external.is_builtin(config.model.arch):
+        if not external.is_builtin(config.model.arch) and distributed.is_main(group):
             others = external.other_activations(model)
             log(f"model: {config.model.arch}, {len(MaskSet(model).sites)} ReLU sites, {MaskSet(model).total():,} "
                 "ReLUs; other activations, left as they are: "
