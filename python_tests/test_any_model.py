@@ -479,3 +479,37 @@ def test_polynomial_and_both_methods_on_a_converted_model_then_export(builder, n
                 expected = model(x)
             got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+# ---- scoring on converted models -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", "torchvision:densenet121"])
+def test_converted_stages_compose_to_the_model_and_scoring_matches_one_candidate_at_a_time(arch):
+    from fastmask.search.scoring import first_differing_block, score_hypotheses
+
+    torch.manual_seed(0)
+    model = _randomized(external.build(arch, 10, 32), 3)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        staged = model.stem(x)
+        for block in model.blocks:
+            staged = block(staged)
+        torch.testing.assert_close(model.head(staged), model(x), rtol=0, atol=0)
+    masks = fm.MaskSet(model)
+    in_blocks = {id(m) for block in model.blocks for m in block.modules() if isinstance(m, fm.MaskedReLU)}
+    assert in_blocks <= {id(site) for site in masks.sites} and len(in_blocks) >= len(masks.sites) - 2
+    generator = torch.Generator().manual_seed(4)
+    late = masks.offsets[len(masks.sites) // 2]  # candidates in the second half of the sites: a shared prefix
+    present = masks.present()
+    pool = present[present >= late]
+    candidates = [pool[torch.randperm(len(pool), generator=generator)[:50]] for _ in range(3)]
+    assert first_differing_block(model, candidates) > 0
+    labels = torch.randint(0, 10, (6,), generator=generator)
+    scores = score_hypotheses(model, candidates, x, labels, batch_size=6)
+    saved = masks.snapshot()
+    for k, candidate in enumerate(candidates):  # the reference: each candidate alone, a plain forward
+        masks.remove(candidate)
+        with torch.no_grad():
+            logits = model(x)
+        masks.restore(saved)
+        assert int(scores.correct[k]) == int((logits.argmax(1) == labels).sum())
+        assert float(scores.loss[k]) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4, abs=1e-5)

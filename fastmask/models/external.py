@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,7 +42,11 @@ OTHER_FUNCTIONS = {F.relu6: "ReLU6", F.gelu: "GELU", F.hardswish: "Hardswish", F
 
 class ConvertedModel(nn.Module):
     """A converted model (its torch.fx GraphModule as `net`) and its spec. The wrapper exists because a GraphModule's
-    deepcopy keeps only its modules and graph, and every copy (teachers, --method both) must keep the spec."""
+    deepcopy keeps only its modules and graph, and every copy (teachers, --method both) must keep the spec.
+
+    Like fastmask's own models it exposes stem(x), blocks and head(x): the graph cut at every point where a single
+    tensor is all that flows on (see stage_split), so scoring runs the stages before the first site a candidate
+    touches once instead of once per candidate. The stages share the model's modules; none holds state of its own."""
 
     def __init__(self, net: torch.fx.GraphModule, spec: dict):
         super().__init__()
@@ -50,6 +55,53 @@ class ConvertedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def _stages(self) -> list[nn.Module]:
+        stages = _STAGES.get(self.net)
+        if stages is None:
+            stages = _STAGES[self.net] = stage_split(self.net)
+        return stages
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        stages = self._stages()
+        return stages[1:-1] if len(stages) > 2 else []
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stages()[0](x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stages()[-1](x)
+
+
+# Stages per GraphModule, made on first use; weak keys, so a model's stages go with it (a deepcopy gets its own).
+_STAGES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, list[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def stage_split(net: torch.fx.GraphModule) -> list[nn.Module]:
+    """net's graph as a chain of GraphModules, each taking one tensor and returning one: cut after every node whose
+    output is then the only value still to be read. The chain's composition is net's forward, node for node, on the
+    same module objects."""
+    from torch.fx.passes.split_module import split_module
+
+    nodes = list(net.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    expiring: dict[int, list] = {}
+    for node in nodes:
+        expiring.setdefault(max((position[u] for u in node.users), default=position[node]), []).append(node)
+    live, stage, current = set(), {}, 0
+    for i, node in enumerate(nodes):
+        stage[node] = current
+        if node.users:
+            live.add(node)
+        for done in expiring.get(i, []):
+            live.discard(done)
+        if node.op not in ("placeholder", "output") and live == {node} and nodes[i + 1].op != "output":
+            current += 1
+    if current == 0:
+        return [net]
+    parts = split_module(net, net, lambda node: stage[node])
+    return [getattr(parts, f"submod_{i}") for i in range(current + 1)]
 
 
 def is_builtin(arch: Optional[str]) -> bool:
