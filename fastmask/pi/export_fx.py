@@ -210,6 +210,8 @@ class _FxLowering:
             return self.g.op(kind, [self._arg(env, a), self._arg(env, b)], node.name)
         if target is torch.cat:
             tensors = args[0]
+            if len(tensors) == 1:  # densenet's first layer of a block: the identity (CrypTen's Concat needs two)
+                return self._arg(env, tensors[0])
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             rank = len(_shape(node))
             return self.g.op("Concat", [self._arg(env, t) for t in tensors], node.name, axis=int(dim) % rank)
