@@ -68,11 +68,11 @@ def floats(value: Any) -> list[float]:
     return [number(item) for item in items if str(item).strip()]
 
 
-def three_positive_or_any(values) -> Optional[str]:
+def one_or_three(values) -> Optional[str]:
     return None if len(values) in (1, 3) else "must give 1 or 3 values"
 
 
-def three_positive(values) -> Optional[str]:
+def one_or_three_positive(values) -> Optional[str]:
     if len(values) not in (1, 3):
         return "must give 1 or 3 values"
     return None if all(v > 0 for v in values) else "must be > 0"
@@ -110,9 +110,9 @@ class DataConfig:
                                         check=lambda v: None if v >= 4 else "must be >= 4")
     mean: Optional[list[float]] = setting(None, "folder datasets: per-channel mean in [0, 1] units, e.g. "
                                                 "0.485,0.456,0.406 (default: computed from the train split)",
-                                          kind=floats, check=three_positive_or_any)
+                                          kind=floats, check=one_or_three)
     std: Optional[list[float]] = setting(None, "folder datasets: per-channel std in [0, 1] units (default: computed "
-                                               "from the train split)", kind=floats, check=three_positive)
+                                               "from the train split)", kind=floats, check=one_or_three_positive)
 
 
 @dataclass
