@@ -262,7 +262,7 @@ def load_plain_weights(model: nn.Module, state: dict, name: str, arch: str, allo
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape mismatch
         lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        raise FastmaskError(f"{name} does not fit {arch}: {lines[0] if lines else str(err).splitlines()[0]}") from err
+        raise FastmaskError(f"{name} do not fit {arch}: {lines[0] if lines else str(err).splitlines()[0]}") from err
     missing = [k for k in missing if not (allow_missing and k.endswith(allow_missing))]
     if missing or unexpected:
         parts = []
@@ -271,4 +271,4 @@ def load_plain_weights(model: nn.Module, state: dict, name: str, arch: str, allo
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}"
                          f"{', ...' if len(unexpected) > 3 else ''})")
-        raise FastmaskError(f"{name} does not fit {arch}: {'; '.join(parts)}")
+        raise FastmaskError(f"{name} do not fit {arch}: {'; '.join(parts)}")
