@@ -79,8 +79,6 @@ def build_from_spec(spec: dict) -> nn.Module:
 
 def load_model(path: str | Path, expected: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Builds the model the checkpoint describes and loads it. `expected` keys that differ raise FastmaskError."""
-    from safetensors.torch import load_file
-
     spec, _ = read_spec(path)
     check_spec(spec, expected or {}, path)
     return load_into(build_from_spec(spec), path, spec["arch"], device)

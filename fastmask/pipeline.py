@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from . import __version__, checkpoint, data, distributed, models, report, train
-from .checkpoint import model_spec
 from . import config as settings
+from .checkpoint import model_spec
 from .config import RunConfig
 from .errors import FastmaskError, UnknownSettings
 from .masks import MaskSet
