@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"  # before the imports below: modules read it while the package loads
 
 from . import models
+from .api import Linearized, linearize
 from .errors import FastmaskError
 from .masks import MaskSet
 from .nn import MaskedReLU, convert, masked_sites, relu_count
@@ -32,5 +33,5 @@ def score_hypotheses(*args, **kwargs):
     return _score(*args, **kwargs)
 
 
-__all__ = ["FastmaskError", "MaskSet", "MaskedReLU", "backend", "convert", "masked_relu", "masked_sites", "models",
-           "relu_count", "score_hypotheses"]
+__all__ = ["FastmaskError", "Linearized", "MaskSet", "MaskedReLU", "backend", "convert", "linearize", "masked_relu",
+           "masked_sites", "models", "relu_count", "score_hypotheses"]

@@ -64,10 +64,26 @@ def budgets(value: Any) -> list[int]:
     return result
 
 
+def floats(value: Any) -> list[float]:
+    """"0.5,0.5,0.5" or [0.5, 0.5, 0.5] -> [0.5, 0.5, 0.5]."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    return [number(item) for item in items if str(item).strip()]
+
+
 def seconds_list(value: Any) -> list[float]:
     """"2.5,1.8", "2.5s,1.8s" or [2.5, 1.8] -> [2.5, 1.8]."""
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    return [number(str(item).strip().lower().removesuffix("s")) for item in items if str(item).strip()]
+    return floats([str(item).strip().lower().removesuffix("s") for item in items])
+
+
+def one_or_three(values) -> Optional[str]:
+    return None if len(values) in (1, 3) else "must give 1 or 3 values"
+
+
+def one_or_three_positive(values) -> Optional[str]:
+    if len(values) not in (1, 3):
+        return "must give 1 or 3 values"
+    return None if all(v > 0 for v in values) else "must be > 0"
 
 
 def known_network(value: str) -> Optional[str]:
@@ -99,23 +115,36 @@ def descending_non_negative(values) -> Optional[str]:
 # ---- the tree ----------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    dataset: str = setting("digits", "digits (the offline default), cifar10, cifar100, tinyimagenet, or npz:<path>")
+    dataset: str = setting("digits", "digits (the offline default), cifar10, cifar100, tinyimagenet, npz:<path>, or "
+                                     "folder:<path> (an ImageFolder layout: train/ with val/ and/or test/ beside "
+                                     "it, or one folder of class folders)")
     data_dir: Optional[str] = setting(None, "folder holding the dataset (cifar, tinyimagenet); cifar is downloaded "
                                             "there when missing and the machine is online")
     val_size: float = setting(0.1, "validation images carved from train: a count, or a fraction below 1",
                               kind=number, check=lambda v: None if 0 < v < 1 or (v >= 1 and v == int(v)) else
                               "must be a fraction below 1 or a whole count")
+    image_size: Optional[int] = setting(None, "folder datasets: images are resized (shorter side) and center-cropped "
+                                              "to this size (default 32)", kind=whole,
+                                        check=lambda v: None if v >= 4 else "must be >= 4")
+    mean: Optional[list[float]] = setting(None, "folder datasets: per-channel mean in [0, 1] units, e.g. "
+                                                "0.485,0.456,0.406 (default: computed from the train split)",
+                                          kind=floats, check=one_or_three)
+    std: Optional[list[float]] = setting(None, "folder datasets: per-channel std in [0, 1] units (default: computed "
+                                               "from the train split)", kind=floats, check=one_or_three_positive)
 
 
 @dataclass
 class ModelConfig:
-    arch: Optional[str] = setting(None, "resnet18 or wide_resnet22_8 (default: the checkpoint's, else resnet18)")
+    arch: Optional[str] = setting(None, "resnet18, wide_resnet22_8, torchvision:<name> (e.g. torchvision:resnet50), "
+                                        "or your builder as path/to/file.py:function or package.module:function "
+                                        "(default: the checkpoint's, else resnet18)")
     width: Optional[int] = setting(None, "channel width of the first stage (resnet18: 64, wrn: 128)", kind=whole,
                                    check=positive)
-    checkpoint: Optional[str] = setting(None, "trained model (.safetensors from fastmask); without it a baseline is "
-                                              "trained")
-    teacher: Optional[str] = setting(None, "model to distill from during SNL and finetunes (default: the full-ReLU "
-                                           "baseline when the run has one)")
+    checkpoint: Optional[str] = setting(None, "trained model: a fastmask .safetensors, or your state_dict for --arch "
+                                              "(.safetensors, or .pt/.pth read with torch.load(weights_only=True)); "
+                                              "without it a baseline is trained")
+    teacher: Optional[str] = setting(None, "model to distill from during SNL and finetunes, in the forms --checkpoint "
+                                           "takes (default: the full-ReLU baseline when the run has one)")
 
 
 @dataclass
@@ -315,7 +344,8 @@ class Setting:
 
 
 def _kind_name(kind: Callable) -> str:
-    return {whole: "a whole number", number: "a number", budgets: "ReLU counts like 20000,15000"}.get(kind, "text")
+    return {whole: "a whole number", number: "a number", budgets: "ReLU counts like 20000,15000",
+            floats: "numbers like 0.5,0.5,0.5"}.get(kind, "text")
 
 
 def settings(cls: type = RunConfig, prefix: str = "", flag_prefix: str = "") -> Iterator[Setting]:

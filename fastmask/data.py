@@ -8,6 +8,12 @@ Names understood by load_dataset:
 - "tinyimagenet": the standard tiny-imagenet-200 folder (its val folder, labelled, is our test split). Decoded
   images are cached as .npy in decode_cache_dir(), keyed by every file's path, size and mtime.
 - "npz:<path>" or any path ending in .npz: x_train, y_train, x_test, y_test (uint8 NHWC or NHW), optional classes.
+- "folder:<path>": an ImageFolder layout. <path>/train/<class>/* with val/ and/or test/ beside it (val/ alone is the
+  test split, as TinyImageNet's labelled val; validation images are then carved from train/), or <path>/<class>/*
+  (a fixed FOLDER_TEST_FRACTION of each class becomes the test split). Images are resized (shorter side) and
+  center-cropped to `image_size`, decoded once and cached like TinyImageNet's. Normalization is computed from the
+  train split unless `mean` and `std` are given. Before decoding, the memory the images need is estimated and a
+  folder that will not fit is refused.
 - "digits": the offline default, scikit-learn's 1,797 real 8x8 grayscale digits upsampled to 16x16.
 """
 from __future__ import annotations
@@ -63,11 +69,25 @@ class Dataset:
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 def load_dataset(name: str, data_dir: Optional[str] = None, val_size: int | float = 0.1, seed: int = 0,
-                 download: bool = True) -> Dataset:
+                 download: bool = True, image_size: Optional[int] = None, mean: Optional[list] = None,
+                 std: Optional[list] = None) -> Dataset:
     """Loads a dataset by name (see the module docstring) and carves `val_size` images (a count, or a fraction
-    below 1) out of its train split, chosen by `seed`."""
+    below 1) out of its train split, chosen by `seed` (a folder's own val/ split, when it has one, is used instead).
+    image_size, mean and std apply to folder datasets."""
     key = name.strip()
-    if key.lower() in CIFAR_STATS:
+    given_val = None
+    if (image_size is not None or mean is not None or std is not None) and not key.lower().startswith("folder:"):
+        raise FastmaskError("--image-size, --mean and --std apply to folder:<path> datasets; the other datasets "
+                            "have their own size and statistics")
+    if key.lower().startswith("folder:"):
+        parts, given_val = _load_folder(Path(key[len("folder:"):]).expanduser(), image_size or FOLDER_IMAGE_SIZE)
+        if mean is not None or std is not None:
+            if mean is None or std is None:
+                raise FastmaskError("give both --mean and --std, or neither (then both come from the train split)")
+            channels = int(parts[0].shape[1])
+            stats = tuple(tuple(v) * (channels if len(v) == 1 else 1) for v in (mean, std))
+            parts = (*parts[:5], stats, parts[6])
+    elif key.lower() in CIFAR_STATS:
         parts = _load_cifar(key.lower(), data_dir, download)
     elif key.lower() in ("tinyimagenet", "tiny-imagenet", "tiny_imagenet", "tiny-imagenet-200"):
         parts = _load_tinyimagenet(data_dir)
@@ -78,15 +98,23 @@ def load_dataset(name: str, data_dir: Optional[str] = None, val_size: int | floa
         parts = _load_digits()
     else:
         raise FastmaskError(f"unknown dataset {name!r}; use cifar10, cifar100, tinyimagenet, digits, "
-                            "or npz:<path to a .npz file>")
+                            "npz:<path to a .npz file> or folder:<path to an image folder>")
     train_x, train_y, test_x, test_y, classes, stats, dataset_name = parts
-    mean, std = stats if stats is not None else channel_stats(train_x)
-    train_idx, val_idx = split_indices(len(train_y), val_size, seed)
+    folder = key.lower().startswith("folder:")
+    # A folder's statistics are its train split's, without the val images; the other datasets keep theirs (taken
+    # before the val split), so their runs stay as they were.
+    mean, std = stats if stats is not None else (None, None) if folder else channel_stats(train_x)
+    if given_val is not None:
+        val_x, val_y = given_val
+    else:
+        train_idx, val_idx = split_indices(len(train_y), val_size, seed)
+        train_x, train_y, val_x, val_y = train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
+    if stats is None and folder:
+        mean, std = channel_stats(train_x)
     return Dataset(name=dataset_name, num_classes=len(classes), image_size=int(train_x.shape[-1]),
                    in_channels=int(train_x.shape[1]), mean=tuple(float(m) for m in mean),
                    std=tuple(float(s) for s in std), classes=list(classes),
-                   train_x=train_x[train_idx], train_y=train_y[train_idx],
-                   val_x=train_x[val_idx], val_y=train_y[val_idx], test_x=test_x, test_y=test_y)
+                   train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y)
 
 
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +223,141 @@ def _load_npz(path: Path):
     return train_x, train_y, test_x, test_y, classes, None, path.stem
 
 
+# ---- image folders ----------------------------------------------------------------------------------------------
+FOLDER_IMAGE_SIZE = 32
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# A one-folder dataset's test split: this fraction of each class, drawn by a seed that is the dataset's, not the run's.
+FOLDER_TEST_FRACTION = 0.2
+FOLDER_TEST_SEED = 20240601
+# Bytes held per decoded byte at the peak of loading: the decoded array, its NCHW copy and the split copies.
+FOLDER_MEMORY_FACTOR = 3
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def folder_memory_estimate(images: int, image_size: int, channels: int = 3) -> int:
+    """Bytes loading `images` images at image_size needs at its peak."""
+    return FOLDER_MEMORY_FACTOR * images * channels * image_size * image_size
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    """{class name: its image files, sorted}, for every class folder of `folder` (files found recursively)."""
+    classes = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        classes[sub.name] = files
+    return classes
+
+
+def _labelled(files: dict[str, list[Path]], label_of: dict[str, int], folder: Path) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for name, items in files.items():
+        if name not in label_of:
+            raise FastmaskError(f"image folder {folder} has class {name!r}, which train/ does not have")
+        paths += items
+        labels += [label_of[name]] * len(items)
+    return paths, labels
+
+
+def _load_folder(root: Path, image_size: int):
+    """(the parts load_dataset takes, the given val split or None) for an image folder (see the module docstring)."""
+    if not root.is_dir():
+        raise FastmaskError(f"image folder {root} does not exist; pass folder:<path> of a folder holding train/ (and "
+                            "val/ or test/) with a folder per class, or just a folder per class")
+    splits = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    layout = "split" if "train" in splits else "single"
+    train_files = _class_files(splits.get("train", root))
+    counted = {name: files for name, files in train_files.items() if files}
+    if not counted:
+        raise FastmaskError(f"image folder {splits.get('train', root)} has no images: put them in one folder per class "
+                            f"({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
+    if len(counted) < 2:
+        raise FastmaskError(f"image folder {splits.get('train', root)} has one class ({next(iter(counted))}); a "
+                            "classifier needs at least 2 class folders")
+    classes = list(train_files)
+    label_of = {name: i for i, name in enumerate(classes)}
+    train_paths, train_labels = _labelled(train_files, label_of, splits.get("train", root))
+    others = {}
+    for name in ("val", "test"):
+        if name in splits:
+            others[name] = _labelled(_class_files(splits[name]), label_of, splits[name])
+            if not others[name][0]:
+                raise FastmaskError(f"image folder {splits[name]} has no images in its class folders")
+    total = len(train_paths) + sum(len(p) for p, _ in others.values())
+    estimate, available = folder_memory_estimate(total, image_size), available_memory()
+    if available is not None and estimate > available:
+        raise FastmaskError(f"image folder {root}: {total:,} images at {image_size}x{image_size} need about "
+                            f"{estimate / 2 ** 30:.1f} GiB of memory, more than the {available / 2 ** 30:.1f} GiB "
+                            "available; lower --image-size or use fewer images")
+    key = "folder-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] + f"-{image_size}"
+
+    def read(paths: list[Path], split: str) -> torch.Tensor:
+        return _nhwc_to_tensor(_read_images(paths, f"{key}-{split}", lambda p: _decode_fitted(p, image_size)))
+
+    train_x, train_y = read(train_paths, "train"), torch.tensor(train_labels, dtype=torch.int64)
+    given_val = None
+    if layout == "single":
+        test_idx = _per_class_fraction(train_y, FOLDER_TEST_FRACTION, FOLDER_TEST_SEED)
+        keep = torch.ones(len(train_y), dtype=torch.bool)
+        keep[test_idx] = False
+        test_x, test_y = train_x[test_idx], train_y[test_idx]
+        train_x, train_y = train_x[keep], train_y[keep]
+    else:
+        if "val" in others and "test" in others:
+            given_val = (read(others["val"][0], "val"), torch.tensor(others["val"][1], dtype=torch.int64))
+        test_paths, test_labels = others.get("test") or others.get("val") or (None, None)
+        if test_paths is None:
+            raise FastmaskError(f"image folder {root} has train/ but neither val/ nor test/ beside it; add one, or "
+                                "point folder: at train/ alone to split it")
+        test_x = read(test_paths, "test" if "test" in others else "val")
+        test_y = torch.tensor(test_labels, dtype=torch.int64)
+    return (train_x, train_y, test_x, test_y, classes, None, root.name), given_val
+
+
+def _per_class_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of round(fraction * n_c) images of each class c (at least one, and never all), drawn by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) < 2:
+            continue
+        count = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.int64)
+
+
+def _decode_fitted(path: Path, size: int) -> np.ndarray:
+    """One image as uint8 size x size x 3: its shorter side resized to `size`, then center-cropped."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            width, height = image.size
+            scale = size / min(width, height)
+            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+            image = image.resize(resized, Image.BILINEAR)
+            left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+            return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as err:
+        raise FastmaskError(f"cannot read image {path} ({type(err).__name__}: {' '.join(str(err).split())}); remove "
+                            "or replace it") from None
+
+
 def _tinyimagenet_root(data_dir: Optional[str]) -> Path:
     base = Path(data_dir or "data").expanduser()
     for candidate in (base / "tiny-imagenet-200", base):
@@ -205,7 +368,7 @@ def _tinyimagenet_root(data_dir: Optional[str]) -> Path:
                         "or pass --data-dir")
 
 
-def _read_images(paths: list[Path], cache_key: str) -> np.ndarray:
+def _read_images(paths: list[Path], cache_key: str, decode=None) -> np.ndarray:
     """Decoded images, from the decode cache when the files are unchanged since they were cached (cache_key names the
     folder and split). TinyImageNet's 110k JPEGs take minutes to decode; the cached array loads in seconds."""
     cache = _decode_cache_path(paths, cache_key)
@@ -214,7 +377,7 @@ def _read_images(paths: list[Path], cache_key: str) -> np.ndarray:
             return np.load(cache, allow_pickle=False)
         except (OSError, ValueError):  # a truncated or foreign file: decode again and overwrite it
             pass
-    images = _decode_images(paths)
+    images = _decode_images(paths) if decode is None else _decode_each(paths, decode)
     if cache is not None:
         _write_decode_cache(cache, images)
     return images
@@ -269,6 +432,17 @@ def _decode_images(paths: list[Path]) -> np.ndarray:
     out = np.empty((len(paths), size[1], size[0], 3), dtype=np.uint8)
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for i, pixels in enumerate(pool.map(decode, paths, chunksize=256)):
+            out[i] = pixels
+    return out
+
+
+def _decode_each(paths: list[Path], decode) -> np.ndarray:
+    """decode(path) -> H x W x C uint8 for every path, in threads, into one N x H x W x C array."""
+    first = decode(paths[0])
+    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    out[0] = first
+    with ThreadPoolExecutor() as pool:
+        for i, pixels in enumerate(pool.map(decode, paths[1:], chunksize=64), start=1):
             out[i] = pixels
     return out
 

@@ -21,9 +21,11 @@ import torch.nn as nn
 
 from . import __version__, checkpoint, cost, data, distributed, models, report, train
 from . import config as settings
+from .checkpoint import model_spec
 from .config import RunConfig
 from .errors import FastmaskError, UnknownSettings
 from .masks import MaskSet
+from .models import external
 from .nn import relu_count
 from .search import polynomial, snl
 from .search.bcd import BCDResult, run_bcd
@@ -57,7 +59,8 @@ def run_dataset(config: RunConfig) -> data.Dataset:
     """The dataset a run trains and measures on: its data settings, the val split chosen by its seed."""
     val_size = config.data.val_size
     return data.load_dataset(config.data.dataset, config.data.data_dir,
-                             val_size=int(val_size) if val_size >= 1 else float(val_size), seed=config.seed)
+                             val_size=int(val_size) if val_size >= 1 else float(val_size), seed=config.seed,
+                             image_size=config.data.image_size, mean=config.data.mean, std=config.data.std)
 
 
 class Pipeline:
@@ -82,7 +85,11 @@ class Pipeline:
     # ---- preparation: every check, nothing written ---------------------------------------------------------
     @classmethod
     def prepare(cls, config: RunConfig, *, resume: bool = False, progress: bool = True,
-                log: Callable[[str], None] = print) -> "Pipeline":
+                log: Callable[[str], None] = print, dataset: Optional[data.Dataset] = None,
+                model: Optional[nn.Module] = None, trained: bool = True) -> "Pipeline":
+        """The checked run. `dataset` and `model` (with a fastmask spec: built by fastmask.models, or converted)
+        replace the config's dataset and model, for fastmask.linearize; `trained` says whether that model skips the
+        baseline. Stages resumed from the out dir are then loaded into copies of `model`."""
         settings.validate(config)
         config.device = resolve_device(config.device)
         group = distributed.from_environment(config.device)  # None unless started by torchrun
@@ -95,29 +102,59 @@ class Pipeline:
             path = getattr(config.model, name)
             if path is not None and not Path(path).is_file():
                 raise FastmaskError(f"{name} {path} does not exist")
-        dataset = run_dataset(config)
-        expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
-                    "in_channels": dataset.in_channels, "arch": config.model.arch, "width": config.model.width}
-        if config.model.checkpoint is not None:
-            spec, _ = checkpoint.read_spec(config.model.checkpoint)
-            checkpoint.check_spec(spec, expected, config.model.checkpoint)
+        arch = config.model.arch
+        if arch is not None and not external.is_builtin(arch):
+            config.model.arch = arch = external.canonical(arch)
+            if config.model.width is not None:
+                raise FastmaskError(f"--width sets the channels of the built-in archs; {arch} has its own")
+            external.resolve_builder(arch)  # a builder that cannot be imported fails before the data is read
+        dataset = dataset if dataset is not None else run_dataset(config)
+        dims = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
+                "in_channels": dataset.in_channels}
+        expected = {**dims, "arch": config.model.arch, "width": config.model.width}
+        path = config.model.checkpoint
+        template = None
+        if model is not None:
+            spec = model_spec(model)
+            checkpoint.check_spec(spec, dims, "the given model")
+            config.model.arch, config.model.width = spec["arch"], spec.get("width")
+            template = copy.deepcopy(model).cpu()
+            model = model.to(device)
+        elif path is not None and checkpoint.is_fastmask_checkpoint(path):
+            spec, _ = checkpoint.read_spec(path)
+            checkpoint.check_spec(spec, expected, path)
             config.model.arch, config.model.width = spec["arch"], spec["width"]
-            model = checkpoint.load_model(config.model.checkpoint, device=device)
+            model = checkpoint.load_model(path, device=device)
+        elif path is not None:  # the user's own weights: a state_dict for --arch
+            if config.model.arch is None:
+                raise FastmaskError(f"checkpoint {path} is a plain state_dict, not a fastmask checkpoint: name its "
+                                    "model with --arch (e.g. --arch torchvision:resnet50 or --arch my_model.py:build)")
+            model = checkpoint.load_weights(path, config.model.arch, **dims).to(device)
+            config.model.width = model_spec(model)["width"]
+        elif not external.is_builtin(config.model.arch):
+            torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
+            model = external.build(config.model.arch, **dims).to(device)
         else:
             config.model.arch = config.model.arch or "resnet18"
             config.model.width = config.model.width or models.default_width(config.model.arch)
             torch.manual_seed(config.seed)  # the baseline's initial weights follow the seed
             model = models.create(config.model.arch, dataset.num_classes, dataset.image_size,
                                   width=config.model.width, in_channels=dataset.in_channels).to(device)
+        if not external.is_builtin(config.model.arch) and distributed.is_main(group):
+            others = external.other_activations(model)
+            log(f"model: {config.model.arch}, {len(MaskSet(model).sites)} ReLU sites, {MaskSet(model).total():,} "
+                "ReLUs; other activations, left as they are: "
+                + (", ".join(f"{n} {k}" for k, n in sorted(others.items())) or "none"))
         teacher = None
         if config.model.teacher is not None:
-            teacher = checkpoint.load_model(config.model.teacher, expected={"num_classes": dataset.num_classes},
-                                            device=device)
+            teacher = checkpoint.load_any(config.model.teacher, config.model.arch, **dims, device=device)
         count = MaskSet(model).count()
         ref_budget = config.snl.ref_budget
         config.bcd.validate(count if ref_budget is None else min(count, ref_budget))
-        pipeline = cls(config, dataset, model, trains_baseline=config.model.checkpoint is None, teacher=teacher,
+        trains = (not trained) if template is not None else config.model.checkpoint is None
+        pipeline = cls(config, dataset, model, trains_baseline=trains, teacher=teacher,
                        resume=resume, progress=progress, log=log, group=group)
+        pipeline.template = template
         pipeline._check_out_dir()
         if group is not None:  # every process has read the out dir before rank 0 writes to it
             group.barrier()
@@ -149,6 +186,14 @@ class Pipeline:
         if not self.resume:
             raise FastmaskError(f"out dir {self.out} already holds this run; pass --resume to continue it or choose "
                                 "another --out")
+
+    template: Optional[nn.Module] = None
+
+    def load(self, path: Path) -> nn.Module:
+        """A model this run saved: rebuilt from its spec, or loaded into a copy of the model the run was given."""
+        if self.template is None:
+            return checkpoint.load_model(path, device=self.device)
+        return checkpoint.load_into(copy.deepcopy(self.template), path, device=self.device)
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self, stop_after: Optional[str] = None) -> dict:
@@ -228,7 +273,7 @@ class Pipeline:
         """A stage's saved result when resuming (its model becomes self.model), else None."""
         if not (self.resume and path.is_file()):
             return None
-        self.model = checkpoint.load_model(path, device=self.device)
+        self.model = self.load(path)
         return checkpoint.read_spec(path)[1]
 
     def baseline_stage(self) -> Optional[dict]:
@@ -242,8 +287,8 @@ class Pipeline:
             self.log(f"baseline: loaded from {path}")
         else:
             epochs = self.config.baseline.epochs
-            self.log(f"baseline: training {self.config.model.arch} (width {self.config.model.width}) for {epochs} "
-                     "epochs")
+            width = "" if self.config.model.width is None else f" (width {self.config.model.width})"
+            self.log(f"baseline: training {self.config.model.arch}{width} for {epochs} epochs")
             t0 = time.perf_counter()
             config = train.baseline_config(epochs)
             config.seed = self.config.seed

@@ -106,7 +106,8 @@ def test_yaml_values_hold_unless_a_flag_overrides(tmp_path):
 
 
 # One value per setting that differs from every default and preset: each flag must survive config.yaml.
-SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "arch": "wide_resnet22_8",
+SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "image-size": "24",
+          "mean": "0.4,0.5,0.6", "std": "0.2,0.25,0.3", "arch": "wide_resnet22_8",
           "width": "16", "checkpoint": "m.safetensors", "teacher": "t.safetensors", "baseline-epochs": "7",
           "ref-budget": "9000", "snl-epochs": "11", "snl-lr": "0.002", "snl-lambda0": "0.0003",
           "snl-lambda-growth": "1.2", "snl-threshold": "0.05", "snl-stall-patience": "3", "snl-finetune-epochs": "4",

@@ -115,3 +115,29 @@ def test_pi_command_refuses_a_model_of_another_dataset(tmp_path, capsys):
     assert pi_main([str(checkpoint), "--images", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmask-pi: error:") and "pass the model's --dataset" in err
+
+
+# densenet121 runs one image: its 120 sites take CrypTen minutes per image on a small CPU
+@pytest.mark.parametrize("arch, size, count", [("torchvision:resnet18", 16, 3), ("torchvision:densenet121", 32, 1)])
+def test_a_converted_model_runs_two_party_and_agrees_with_plaintext(tmp_path, arch, size, count):
+    """Torchvision models through fastmask.convert (resnet18 with its MaxPool; densenet121 with its concatenations,
+    one of a single tensor per block, and BNs that read them): the decrypted predictions equal PyTorch's, and the
+    exported Relu nodes see exactly the kept ReLUs."""
+    from fastmask.models import external
+    from fastmask.pi.export import build_onnx, relu_elements
+
+    torch.manual_seed(0)
+    model = external.build(arch, 10, size).eval()
+    generator = torch.Generator().manual_seed(2)
+    for _, site in fm.masked_sites(model):
+        site.mask.copy_(torch.rand(site.mask.shape, generator=generator) < 0.3)
+    images = torch.randn(3, 3, size, size, generator=generator)
+    model = batchnorm_statistics_from(model, images)
+    assert relu_elements(build_onnx(model)[0]) == fm.relu_count(model)
+    export_model(model, tmp_path / "model.onnx")
+    images = images[:count]
+    (result,) = run_two_party([{"name": "model", "onnx": str(tmp_path / "model.onnx"), "mode": "public"}], images,
+                              timeout=600)
+    with torch.no_grad():
+        plain = model(images)
+    assert torch.equal(result["logits"].argmax(1), plain.argmax(1))

@@ -2,6 +2,7 @@
 
 Every model exposes stem(x), blocks (a list, in forward order) and head(x), so scoring can run blocks one by one,
 and every block has fold() -> FoldedBlock, its computation with BN folded, which the fused scoring path runs.
+Models from elsewhere (torchvision builders by name, the user's own builder) are in fastmask.models.external.
 """
 from __future__ import annotations
 

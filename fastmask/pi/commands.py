@@ -81,7 +81,8 @@ def pi_parser() -> argparse.ArgumentParser:
     p.add_argument("--install-runtime", choices=("spu",),
                    help="create the separate environment SecretFlow SPU runs in (one time, about 1 GB) and exit")
     p.add_argument("--images", type=int, default=20, help="test images to run privately (default 20)")
-    p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits")
+    p.add_argument("--dataset", help="default: the run's dataset when the model sits in a run folder, else digits (a "
+                                     "folder: dataset is read at the model's image size)")
     p.add_argument("--data-dir", help="folder holding the dataset (cifar/tinyimagenet)")
     p.add_argument("--baseline", help="checkpoint to compare with (default: the model with every mask 1)")
     p.add_argument("--modes", default="public,secret", help="public, secret, or public,secret (the default)")
@@ -120,7 +121,8 @@ def run_model(model_path: str | Path) -> Optional[RunModel]:
     return None
 
 
-def _resolve_dataset(args, target: Optional[RunModel]) -> tuple[str, Optional[str]]:
+def _resolve_dataset(args, target: Optional[RunModel], spec: dict) -> tuple[str, Optional[str], dict]:
+    """(dataset, data dir, the folder settings: image size, mean, std) from the flags, else the model's run."""
     from ..config import load_saved
 
     run = load_saved(target.run_dir / RUN_CONFIG) if target is not None else None
@@ -128,7 +130,12 @@ def _resolve_dataset(args, target: Optional[RunModel]) -> tuple[str, Optional[st
     data_dir = args.data_dir or (run.data.data_dir if run else None)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise FastmaskError(f"data dir {args.data_dir} does not exist; point --data-dir at the dataset folder")
-    return str(dataset), data_dir
+    folder = {}
+    if str(dataset).lower().startswith("folder:"):
+        same_run = run is not None and args.dataset in (None, run.data.dataset)
+        folder = {"image_size": spec.get("image_size"),
+                  "mean": run.data.mean if same_run else None, "std": run.data.std if same_run else None}
+    return str(dataset), data_dir, folder
 
 
 def pi(argv: list[str]) -> None:
@@ -164,9 +171,9 @@ def pi(argv: list[str]) -> None:
 
         require()
     target = run_model(args.model)
-    dataset_name, data_dir = _resolve_dataset(args, target)
     spec, _ = read_spec(args.model)
-    dataset = data.load_dataset(dataset_name, data_dir)
+    dataset_name, data_dir, folder = _resolve_dataset(args, target, spec)
+    dataset = data.load_dataset(dataset_name, data_dir, **folder)
     expected = {"num_classes": dataset.num_classes, "image_size": dataset.image_size,
                 "in_channels": dataset.in_channels}
     got = {"num_classes": spec.get("num_classes"), "image_size": spec.get("image_size"),

@@ -228,21 +228,28 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def build_onnx(model: nn.Module):
-    """(onnx.ModelProto, manifest dict, {key: mask or coeffs tensor}) for a fastmask resnet18 or wide_resnet22_8."""
+    """(onnx.ModelProto, manifest dict, {key: mask or coeffs tensor}) for a fastmask resnet18 or wide_resnet22_8, or
+    a converted model (fastmask.models.external.ConvertedModel, lowered by fastmask.pi.export_fx)."""
+    from ..models.external import ConvertedModel
+
     onnx = _require_onnx()
     if isinstance(model, ResNet18):
         lower = _lower_resnet18
     elif isinstance(model, WideResNet22):
         lower = _lower_wide_resnet
+    elif isinstance(model, ConvertedModel):
+        from .export_fx import lower_converted as lower
     else:
-        raise FastmaskError(f"PI export supports fastmask's resnet18 and wide_resnet22_8, not {type(model).__name__}; "
-                            "build the model with fastmask.models.create or load a fastmask checkpoint")
+        raise FastmaskError(f"PI export supports fastmask's resnet18 and wide_resnet22_8 and converted models, not "
+                            f"{type(model).__name__}; build the model with fastmask.models.create or "
+                            "fastmask.models.external.build, or load a fastmask checkpoint")
     channels, height, width = _input_shape(model)
     low = _Lowering(model, onnx)
     low.graph.used.add(INPUT_NAME)
     with torch.no_grad():
         output = lower(low, model, INPUT_NAME)
-    num_classes = int(model.linear.out_features)
+    num_classes = int(model.fastmask_spec["num_classes"]) if isinstance(model, ConvertedModel) else \
+        int(model.linear.out_features)
     helper, tensor_proto = onnx.helper, onnx.TensorProto
     spatial = [height or "height", width or "width"]
     graph = helper.make_graph(

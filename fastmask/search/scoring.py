@@ -122,10 +122,17 @@ def _check_model(mask_set: MaskSet) -> None:
                             "before scoring masks")
 
 
-def _use_fused(fused: Optional[bool], device: torch.device) -> bool:
+def _has_stages(model: nn.Module) -> bool:
+    return bool(list(getattr(model, "blocks", []) or [])) and callable(getattr(model, "stem", None)) \
+        and callable(getattr(model, "head", None))
+
+
+def _use_fused(fused: Optional[bool], device: torch.device, model: Optional[nn.Module] = None) -> bool:
     if fused is None:
-        # Without Triton the fused op falls back to separate torch ops: slower than cuDNN BN + the CUDA kernel.
-        return device.type == "cuda" and fused_forward.available() and backends.triton_supports("cuda")
+        # Without Triton the fused op falls back to separate torch ops: slower than cuDNN BN + the CUDA kernel. A
+        # model without stem/blocks/head (a converted one) takes the generic path: the whole model, stacked.
+        return (device.type == "cuda" and fused_forward.available() and backends.triton_supports("cuda")
+                and (model is None or _has_stages(model)))
     if fused and not fused_forward.available():
         raise FastmaskError(f"fused scoring needs fastmask.ops.conv_bn_act, which is unavailable here "
                             f"({fused_forward.unavailable_reason()}); pass fused=False")
@@ -182,7 +189,7 @@ def score_current(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         cpu_memory.keep_freed_memory()
     mask_set = MaskSet(model)
     _check_model(mask_set)
-    stages = _Stages(model, mask_set, _use_fused(fused, device))
+    stages = _Stages(model, mask_set, _use_fused(fused, device, model))
     with _ScoringMode(model), torch.inference_mode():
         correct = torch.zeros(1, dtype=torch.int64, device=device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
@@ -235,7 +242,7 @@ def score_hypotheses(model: nn.Module, candidates: Sequence[torch.Tensor], image
         if candidate.numel() and (int(candidate.min()) < 0 or int(candidate.max()) >= total):
             raise FastmaskError(f"candidate {index} holds flat indices outside [0, {total}): "
                                 "it was sampled from another model")
-    stages = _Stages(model, mask_set, _use_fused(fused, device))
+    stages = _Stages(model, mask_set, _use_fused(fused, device, model))
     batch_n = min(batch_size, images.shape[0])
     shared_from = stages.first_stage(_touched_sites(mask_set, candidates))
     # One budget for both: the kept prefix outputs stay allocated while every chunk runs.
