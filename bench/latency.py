@@ -10,7 +10,9 @@ short finetune), the search settings those of bench/fidelity.py's default arm at
   target with the same compute (images trained on + pushed forward) as BCD;
 - "latency": --method bcd --cost latency to the same ReLU targets;
 - "latency-equal": --method bcd --cost latency with --latency-targets at SNL's predicted latency at each target (the
-  same seed's "relus" run), so BCD and SNL are compared at the same predicted latency.
+  same seed's "relus" run), so BCD and SNL are compared at the same predicted latency;
+- "latency-equal-compute": the same, its target finetune lengthened until it has spent SNL's image passes (the search
+  stops early at a latency target, so it spends fewer).
 Every target model's bytes, rounds and latency are predicted by fastmask.cost (--protocol on --network, and the
 other protocols beside it). Nothing is chosen on test accuracy. Writes latency_<scale>.md/.json into --out.
 """
@@ -45,7 +47,7 @@ SCALES = {
 SEARCH = {"replacement": "identity", "bcd.proposal": "informed", "bcd.scoring": "race", "bcd.rt": 2, "bcd.adt": 0.3,
           "bcd.criterion": "accuracy", "bcd.pool": 4.0, "bcd.temperature": 0.5, "finetune.optimizer": "adam",
           "finetune.lr": 1e-3, "finetune.step_schedule": "continuous", "finetune.epochs": 1}
-ARMS = ("relus", "latency", "latency-equal")
+ARMS = ("relus", "latency", "latency-equal", "latency-equal-compute")
 
 
 def priced(model_path: str, protocol: str, network: str) -> dict:
@@ -67,6 +69,18 @@ def rows_of(summary: dict, arm: str, seed: int, protocol: str, network: str) -> 
                          "val_acc": t["val_acc"], "image_passes": image_passes([t]),
                          **priced(str(path), protocol, network)})
     return rows
+
+
+def extra_target_epochs(summary: dict, snl_passes: int) -> int:
+    """Target finetune epochs to add so that a BCD run's last target has spent about `snl_passes` image passes (its
+    steps are the same again; only the target finetune grows)."""
+    import math
+
+    from fastmask.config import load_saved
+    from fastmask.pipeline import run_dataset
+
+    train_images = len(run_dataset(load_saved(Path(summary["config"]["out"]) / "config.yaml")).train_y)
+    return max(0, math.ceil((snl_passes - image_passes([summary["targets"][-1]])) / train_images))
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -111,7 +125,8 @@ def gaps(rows: list[dict]) -> list[dict]:
     snl = {(r["seed"], r["budget"]): r for r in rows if r["method"] == "SNL"}
     out = []
     comparisons = (("relus", "same ReLUs: BCD (relus) - SNL"), ("latency", "same ReLUs: BCD (latency) - SNL"),
-                   ("latency-equal", "same latency: BCD (latency) - SNL"))
+                   ("latency-equal", "same latency: BCD (latency) - SNL"),
+                   ("latency-equal-compute", "same latency and compute: BCD (latency) - SNL"))
     for arm, label in comparisons:
         pairs: dict[int, list[tuple[dict, dict]]] = {}
         for r in rows:
@@ -159,8 +174,17 @@ def main(argv=None) -> dict:
         goals = [r["latency"] for r in snl]
         equal = run(root / "latency-equal", {**begin, "method": "bcd", "bcd.cost": "latency", **pricing,
                                              "bcd.targets": None, "bcd.latency_targets": goals})
+        given = equal["config"]["bcd"]["latency_targets"]  # as the run was given them (a reused run: its own)
         for r in rows_of(equal, "latency-equal", seed, args.protocol, args.network):
-            r["snl_budget"] = next(s["budget"] for s, g in zip(snl, goals) if g == r["latency_target"])
+            r["snl_budget"] = snl[given.index(r["latency_target"])]["budget"]
+            rows.append(r)
+        # The same search, its target finetune lengthened until it has spent SNL's images at the last target
+        extra = extra_target_epochs(equal, snl[-1]["image_passes"])
+        matched = run(root / "latency-equal-compute",
+                      {**begin, "method": "bcd", "bcd.cost": "latency", **pricing, "bcd.targets": None,
+                       "bcd.latency_targets": given, "finetune.target_epochs": scale["finetune.target_epochs"] + extra})
+        for r in rows_of(matched, "latency-equal-compute", seed, args.protocol, args.network):
+            r["snl_budget"] = snl[given.index(r["latency_target"])]["budget"]
             rows.append(r)
     payload = {"scale": args.scale, "settings": scale, "search": SEARCH, "seeds": seeds, "protocol": args.protocol,
                "network": args.network, "machine": report.machine(), "data": Path(args.data).name, "rows": rows,

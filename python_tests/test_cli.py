@@ -117,8 +117,10 @@ SAMPLE = {"dataset": "cifar100", "data-dir": "some/folder", "val-size": "500", "
           "finetune-max-steps": "9", "finetune-step-schedule": "fresh",
           "finetune-target-epochs": "2", "seed": "5", "device": "cpu", "out": "somewhere", "snl-target-epochs": "12",
           "proposal": "uniform", "pool": "2.5", "temperature": "0.25", "scoring": "exact",
-          "race-eta": "3",
-          "method": "both", "replacement": "polynomial"}
+          "race-eta": "3", "cost": "latency", "network": "200,20", "protocol": "crypten-secret",
+          "latency-targets": "3.5,2.5s",
+          # latency targets are BCD's alone: the one method that takes them
+          "method": "bcd", "replacement": "polynomial"}
 
 
 def test_every_setting_is_a_flag_and_round_trips_through_config_yaml(tmp_path):
