@@ -72,15 +72,16 @@ def rows_of(summary: dict, arm: str, seed: int, protocol: str, network: str) -> 
 
 
 def extra_target_epochs(summary: dict, snl_passes: int) -> int:
-    """Target finetune epochs to add so that a BCD run's last target has spent about `snl_passes` image passes (its
-    steps are the same again; only the target finetune grows)."""
+    """Whole target finetune epochs to add so that a BCD run's last target spends as many image passes as SNL's
+    `snl_passes` without passing them (floor: equal compute never in BCD's favour). The search's latency targets are
+    the same, so it takes the same kind of steps; only the target finetune grows."""
     import math
 
     from fastmask.config import load_saved
     from fastmask.pipeline import run_dataset
 
     train_images = len(run_dataset(load_saved(Path(summary["config"]["out"]) / "config.yaml")).train_y)
-    return max(0, math.ceil((snl_passes - image_passes([summary["targets"][-1]])) / train_images))
+    return max(0, math.floor((snl_passes - image_passes([summary["targets"][-1]])) / train_images))
 
 
 def mean(rows: list[dict], key: str) -> float:
