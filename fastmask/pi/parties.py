@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 from typing import IO, Sequence
 
+import torch
+
 from ..errors import FastmaskError
+
+
+def check_jobs(jobs: Sequence[dict], images: torch.Tensor, modes: Sequence[str]) -> None:
+    """One line for what would make both parties fail: no images, an unknown mode, a missing ONNX file."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise FastmaskError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
+    for job in jobs:
+        if job["mode"] not in modes:
+            raise FastmaskError(f"mode must be one of {', '.join(modes)}, got {job['mode']!r}")
+        if not Path(job["onnx"]).is_file():
+            raise FastmaskError(f"ONNX file {job['onnx']} does not exist")
 
 
 def supervise(processes: Sequence[subprocess.Popen], logs: Sequence[IO], timeout: float, what: str) -> list[int]:

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import FastmaskError
 from . import spu_env
-from .parties import supervise
+from .parties import check_jobs, supervise
 
 MODES = ("public", "secret")
 PROTOCOLS = ("cheetah", "semi2k")
@@ -94,13 +94,7 @@ def run_spu(jobs: Sequence[dict], images: torch.Tensor, protocol: str = "cheetah
     FastmaskError when the SPU environment is missing, a party fails or the run exceeds `timeout` seconds."""
     if protocol not in PROTOCOLS:
         raise FastmaskError(f"SPU protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise FastmaskError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
-    for job in jobs:
-        if job["mode"] not in MODES:
-            raise FastmaskError(f"mode must be one of {', '.join(MODES)}, got {job['mode']!r}")
-        if not Path(job["onnx"]).is_file():
-            raise FastmaskError(f"ONNX file {job['onnx']} does not exist")
+    check_jobs(jobs, images, MODES)
     python = spu_env.require()  # one line naming the install command when it is missing
     count = int(images.shape[0])
     with tempfile.TemporaryDirectory(prefix="fastmask-spu-") as work:

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import FastmaskError
 from .crypten_compat import import_crypten, party_environment, plain_settings
-from .parties import supervise
+from .parties import check_jobs, supervise
 
 MODES = ("public", "secret")
 WORLD_SIZE = 2
@@ -41,13 +41,7 @@ def run_two_party(jobs: Sequence[dict], images: torch.Tensor, timeout: float = 3
     as decrypted by the client. FastmaskError when a party fails or the run exceeds `timeout` seconds."""
     from safetensors.torch import load_file, save_file
 
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise FastmaskError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
-    for job in jobs:
-        if job["mode"] not in MODES:
-            raise FastmaskError(f"mode must be one of {', '.join(MODES)}, got {job['mode']!r}")
-        if not Path(job["onnx"]).is_file():
-            raise FastmaskError(f"ONNX file {job['onnx']} does not exist")
+    check_jobs(jobs, images, MODES)
     import_crypten()  # fail here, in one line, rather than in both parties
     with tempfile.TemporaryDirectory(prefix="fastmask-pi-") as work:
         work = Path(work)
