@@ -38,8 +38,8 @@ class Network:
         return f"{self.name} ({self.bandwidth_mbit:g} Mbit/s, {self.rtt_ms:g} ms RTT)"
 
 
-# The settings of the issue tracker's own arithmetic and of common PI evaluations: a data-centre LAN and a cross-country
-# WAN. Override with --network BANDWIDTH_MBIT,RTT_MS.
+# A data-centre LAN and a cross-country WAN, the two settings PI evaluations commonly report; override with --network
+# BANDWIDTH_MBIT,RTT_MS.
 NETWORKS = {"lan": Network("lan", 1000.0, 0.5), "wan": Network("wan", 100.0, 40.0)}
 
 
