@@ -181,11 +181,12 @@ class Workload:
     def macs(self) -> int:
         return sum(layer.macs for layer in self.linear)
 
-    def with_kept(self, kept: Sequence[int]) -> "Workload":
-        """The same model with other per-site kept counts (for what-if costs in the search)."""
-        if len(kept) != len(self.kept):
-            raise FastmaskError(f"with_kept: {len(kept)} counts for {len(self.kept)} sites")
-        return dataclasses.replace(self, kept=tuple(int(k) for k in kept))
+    def with_kept(self, kept: Sequence[int], products: Optional[Sequence[int]] = None) -> "Workload":
+        """The same model with other per-site kept counts (and secret products) (for what-if costs in the search)."""
+        if len(kept) != len(self.kept) or (products is not None and len(products) != len(self.kept)):
+            raise FastmaskError(f"with_kept: counts for {len(kept)} sites, the model has {len(self.kept)}")
+        return dataclasses.replace(self, kept=tuple(int(k) for k in kept),
+                                   products=self.products if products is None else tuple(int(p) for p in products))
 
 
 def _input_shape(model: nn.Module, image_shape: Optional[Sequence[int]]) -> tuple[int, ...]:
@@ -197,21 +198,23 @@ def _input_shape(model: nn.Module, image_shape: Optional[Sequence[int]]) -> tupl
     return (int(spec.get("in_channels", 3)), int(spec["image_size"]), int(spec["image_size"]))
 
 
+def quadratic_positions(site: nn.Module) -> torch.Tensor:
+    """Bool, shaped like the site's mask: the positions whose replacement has a secret product (c2 != 0 in their
+    channel; none for the identity). A removed such position costs the protocol a product."""
+    mask = site.mask.detach()
+    if site.coeffs is None:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    return (site.coeffs.detach()[:, 2] != 0).view(-1, *([1] * (mask.dim() - 1))).expand_as(mask)
+
+
 def workload(model: nn.Module, image_shape: Optional[Sequence[int]] = None) -> Workload:
     """The model's Workload, from its masks and one forward pass of a zero image (hooks record each conv and linear
     layer's sizes). Works for any model whose ReLU sites are MaskedReLU modules."""
     from .nn import masked_sites
 
     sites = masked_sites(model)
-    kept, products = [], []
-    for _, site in sites:
-        mask = site.mask.detach()
-        kept.append(int(mask.sum()))
-        if site.coeffs is None:
-            products.append(0)
-            continue
-        quadratic = (site.coeffs.detach()[:, 2] != 0).view(-1, *([1] * (mask.dim() - 1)))
-        products.append(int((~mask & quadratic).sum()))
+    kept = [int(site.mask.sum()) for _, site in sites]
+    products = [int((~site.mask.detach() & quadratic_positions(site)).sum()) for _, site in sites]
     layers: list[LinearLayer] = []
     names = {id(m): n for n, m in model.named_modules()}
 

@@ -532,7 +532,7 @@ def test_latency_targets_are_saved_when_the_prediction_falls_to_them(tmp_path, d
     images, labels = data
     model = few_in_last_site(tiny_model(), kept_last=40)
     pricing = LatencyPricing.of(model, "crypten-public", "wan")
-    start = pricing.latency(kept_per_site(MaskSet(model)))
+    start = pricing.current(MaskSet(model))
     per_relu, per_site = pricing.per_relu_and_site()
     goals = [start - 0.5 * per_site, start - 1.5 * per_site]  # one emptied site, then two
     config = BCDConfig(latency_targets=goals, drc=100, rt=2, adt=100.0, cost="latency")
@@ -544,7 +544,7 @@ def test_latency_targets_are_saved_when_the_prediction_falls_to_them(tmp_path, d
     for entry in result.targets:
         assert entry["latency_seconds"] <= entry["latency_target"]
         assert (tmp_path / "targets" / str(entry["budget"]) / "model.safetensors").is_file()
-    assert pricing.latency(kept_per_site(MaskSet(model))) <= goals[-1]
+    assert pricing.current(MaskSet(model)) <= goals[-1]
     assert sum(1 for k in kept_per_site(MaskSet(model)) if k == 0) >= 2
     assert all("latency_seconds" in row and "sites" in row for row in result.history)
     assert len(calls) == len({t["step"] for t in result.targets})  # one target finetune per landing step
@@ -567,3 +567,32 @@ def test_choose_by_saving():
     assert choose_by_saving([0.1, 0.2, 0.5], [1.0, 3.0, 9.0], adt=0.3) == (1, False)  # within ADT: most saved
     assert choose_by_saving([0.6, 2.0, math.nan], [1.0, 10.0, 50.0], adt=0.3) == (1, True)  # least drop per second
     assert choose_by_saving([-0.1, 0.0], [2.0, 2.0], adt=0.3) == (0, False)  # ties: the earlier
+
+
+@pytest.mark.parametrize("polynomial", [False, True])
+def test_pricing_matches_the_cost_model_of_the_model_after_a_removal(polynomial):
+    """What the search weighs a candidate by is the cost model's latency of the model before minus after it: the
+    ReLUs, an emptied site's rounds, and (polynomial) the secret products the removed positions take on."""
+    import copy
+
+    from fastmask import cost
+    from fastmask.search.pricing import LatencyPricing
+
+    torch.manual_seed(0)
+    model = fm.models.create("resnet18", 10, 8, width=2, in_channels=1, polynomial=polynomial)
+    for _, site in fm.masked_sites(model):
+        if site.coeffs is not None:
+            site.coeffs.data = torch.randn(site.coeffs.shape)
+            site.coeffs.data[::2, 2] = 0.0  # half the channels linear: their removed positions cost no product
+    masks = MaskSet(model)
+    last = masks.offsets[-2]  # the whole last site, and 30 ReLUs elsewhere
+    candidate = torch.cat([torch.arange(last, masks.total()), masks.present()[:30]]).unique()
+    protocol, network = cost.get_protocol("crypten-public"), cost.NETWORKS["wan"]
+    pricing = LatencyPricing.of(model, "crypten-public", "wan")
+    before = cost.latency(cost.workload(model), protocol, network)
+    after_model = copy.deepcopy(model)
+    MaskSet(after_model).remove(candidate)
+    after = cost.latency(cost.workload(after_model), protocol, network)
+    assert pricing.current(masks) == pytest.approx(before)
+    assert pricing.saving(candidate, masks) == pytest.approx(before - after)
+    assert cost.workload(after_model).sites == cost.workload(model).sites - 1

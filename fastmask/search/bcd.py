@@ -246,10 +246,10 @@ class BCD:
     # ---- targets: ReLU budgets, or predicted latencies -----------------------------------------------------
     def latency(self) -> Optional[float]:
         """The current masks' predicted latency in seconds (None without a latency model)."""
-        return None if self.pricing is None else self.pricing.latency(kept_per_site(self.mask_set))
+        return None if self.pricing is None else self.pricing.current(self.mask_set)
 
     def _check_latency_targets(self) -> None:
-        start, floor = self.latency(), self.pricing.floor()
+        start, floor = self.latency(), self.pricing.floor(self.mask_set)
         first, last = self.config.latency_targets[0], self.config.latency_targets[-1]
         where = self.pricing.describe()
         if first >= start:

@@ -37,13 +37,18 @@ class LatencyPricing:
     def of(cls, model: nn.Module, protocol: str, network: str) -> "LatencyPricing":
         return cls(cost.workload(model), cost.get_protocol(protocol), cost.parse_network(network))
 
-    def latency(self, kept: Sequence[int]) -> float:
-        """Predicted seconds of one inference with `kept` ReLUs per site."""
-        return cost.latency(self.load.with_kept(kept), self.protocol, self.network)
+    def latency(self, kept: Sequence[int], products: Optional[Sequence[int]] = None) -> float:
+        """Predicted seconds of one inference with `kept` ReLUs (and `products` secret products) per site."""
+        return cost.latency(self.load.with_kept(kept, products), self.protocol, self.network)
 
-    def floor(self) -> float:
-        """The latency with every ReLU removed: what no search can go below."""
-        return self.latency([0] * len(self.load.kept))
+    def current(self, mask_set: MaskSet) -> float:
+        """The predicted latency of the masks as they are (a polynomial site's products follow its removed ReLUs)."""
+        return self.latency(kept_per_site(mask_set), products_per_site(mask_set))
+
+    def floor(self, mask_set: MaskSet) -> float:
+        """The latency with every ReLU removed (each position replaced): what no search can go below."""
+        products = [int(cost.quadratic_positions(site).sum()) for site in mask_set.sites]
+        return self.latency([0] * len(self.load.kept), products)
 
     def describe(self) -> str:
         return f"{self.protocol.name} on {self.network}"
@@ -78,16 +83,25 @@ class LatencyPricing:
         return best
 
     def saving(self, candidate: torch.Tensor, mask_set: MaskSet) -> float:
-        """Seconds of predicted latency that removing `candidate` (flat indices) saves."""
-        kept = kept_per_site(mask_set)
-        after = list(kept)
-        for site, removed in enumerate(torch.bincount(mask_set.site_of(candidate), minlength=len(kept)).tolist()):
-            after[site] -= removed
-        return self.latency(kept) - self.latency(after)
+        """Seconds of predicted latency that removing `candidate` (flat indices) saves: its ReLUs, and the rounds of
+        a site it empties, less the secret products its removed positions take on (polynomial sites)."""
+        kept, products = kept_per_site(mask_set), products_per_site(mask_set)
+        sites = mask_set.site_of(candidate)
+        quadratic = torch.cat([cost.quadratic_positions(site).reshape(-1).cpu() for site in mask_set.sites])
+        removed = torch.bincount(sites, minlength=len(kept)).tolist()
+        added = torch.bincount(sites[quadratic[candidate]], minlength=len(kept)).tolist()
+        after = [k - r for k, r in zip(kept, removed)]
+        more = [p + a for p, a in zip(products, added)]
+        return self.latency(kept, products) - self.latency(after, more)
 
 
 def kept_per_site(mask_set: MaskSet) -> list[int]:
     return [int(site.mask.sum()) for site in mask_set.sites]
+
+
+def products_per_site(mask_set: MaskSet) -> list[int]:
+    """Secret products per site: its removed positions whose replacement is quadratic."""
+    return [int((~site.mask.detach() & cost.quadratic_positions(site)).sum()) for site in mask_set.sites]
 
 
 def choose_by_saving(drops: Sequence[float], savings: Sequence[float], adt: float) -> tuple[int, bool]:
