@@ -136,19 +136,24 @@ def plot_accuracy_vs_latency(path: str | Path, series: Mapping[str, Sequence[tup
     _save(figure, path)
 
 
-def plot_per_site(path: str | Path, per_site: Sequence[Mapping], title: str) -> None:
-    """Kept ReLUs per site as bars, in forward order (the paper's Fig. 7), with each site's total as a light bar."""
-    figure, axes = _figure(8.0, 4.0)
-    positions = range(len(per_site))
-    axes.bar(positions, [s["total"] for s in per_site], color="0.85", label="total")
-    axes.bar(positions, [s["kept"] for s in per_site], color="C0", label="kept")
-    axes.set_xticks(list(positions))
+def _save_site_plot(figure, axes, per_site: Sequence[Mapping], title: str, path: str | Path) -> None:
+    """The per-site plots' common dress: site names under the bars, a log scale that still shows 0 and 1."""
+    axes.set_xticks(list(range(len(per_site))))
     axes.set_xticklabels([s["site"] for s in per_site], rotation=70, fontsize=7)
     axes.set_yscale("symlog", linthresh=10)
     axes.set_ylabel("ReLUs")
     axes.set_title(title)
     axes.legend()
     _save(figure, path)
+
+
+def plot_per_site(path: str | Path, per_site: Sequence[Mapping], title: str) -> None:
+    """Kept ReLUs per site as bars, in forward order (the paper's Fig. 7), with each site's total as a light bar."""
+    figure, axes = _figure(8.0, 4.0)
+    positions = range(len(per_site))
+    axes.bar(positions, [s["total"] for s in per_site], color="0.85", label="total")
+    axes.bar(positions, [s["kept"] for s in per_site], color="C0", label="kept")
+    _save_site_plot(figure, axes, per_site, title, path)
 
 
 def plot_per_site_pair(path: str | Path, first: Sequence[Mapping], second: Sequence[Mapping],
@@ -163,13 +168,7 @@ def plot_per_site_pair(path: str | Path, first: Sequence[Mapping], second: Seque
              label=names[0])
     axes.bar([p + width / 2 for p in positions], [s["kept"] for s in second], width=width, color="C1",
              label=names[1])
-    axes.set_xticks(positions)
-    axes.set_xticklabels([s["site"] for s in first], rotation=70, fontsize=7)
-    axes.set_yscale("symlog", linthresh=10)
-    axes.set_ylabel("ReLUs")
-    axes.set_title(title)
-    axes.legend()
-    _save(figure, path)
+    _save_site_plot(figure, axes, first, title, path)
 
 
 def plot_mask_iou(path: str | Path, labels: Sequence[str], matrix: Sequence[Sequence[Optional[float]]]) -> None:
