@@ -81,27 +81,47 @@ _STAGES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, list[nn.Module]]" = we
 def stage_split(net: torch.fx.GraphModule) -> list[nn.Module]:
     """net's graph as a chain of GraphModules, each taking one tensor and returning one: cut after every node whose
     output is then the only value still to be read. The chain's composition is net's forward, node for node, on the
-    same module objects."""
-    from torch.fx.passes.split_module import split_module
-
-    nodes = list(net.graph.nodes)
+    same module objects. Attributes the graph reads (a parameter or buffer used in an op) are read again in each
+    stage that uses them, so no stage takes more than the one tensor."""
+    nodes = [node for node in net.graph.nodes if node.op != "get_attr"]
     position = {node: i for i, node in enumerate(nodes)}
     expiring: dict[int, list] = {}
     for node in nodes:
-        expiring.setdefault(max((position[u] for u in node.users), default=position[node]), []).append(node)
-    live, stage, current = set(), {}, 0
+        last_use = max((position[u] for u in node.users if u in position), default=position[node])
+        expiring.setdefault(last_use, []).append(node)
+    live, stages, current = set(), [[]], nodes[0]
     for i, node in enumerate(nodes):
-        stage[node] = current
+        if node.op not in ("placeholder", "output"):
+            stages[-1].append(node)
         if node.users:
             live.add(node)
         for done in expiring.get(i, []):
             live.discard(done)
         if node.op not in ("placeholder", "output") and live == {node} and nodes[i + 1].op != "output":
-            current += 1
-    if current == 0:
+            stages.append([])
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    output = nodes[-1]
+    if len(stages) == 1 or len(placeholders) != 1:
         return [net]
-    parts = split_module(net, net, lambda node: stage[node])
-    return [getattr(parts, f"submod_{i}") for i in range(current + 1)]
+    result, incoming = [], placeholders[0]
+    for index, members in enumerate(stages):
+        graph = torch.fx.Graph()
+        env = {incoming: graph.placeholder(incoming.name if index == 0 else "x")}
+
+        def read(node: torch.fx.Node) -> torch.fx.Node:
+            if node not in env:  # an attribute: read where it is used
+                env[node] = graph.get_attr(node.target)
+            return env[node]
+
+        for node in members:
+            env[node] = graph.node_copy(node, read)
+        if index == len(stages) - 1:
+            graph.output(torch.fx.node.map_arg(output.args[0], read))
+        else:
+            graph.output(env[members[-1]])
+            incoming = members[-1]
+        result.append(torch.fx.GraphModule(net, graph))
+    return result
 
 
 def is_builtin(arch: Optional[str]) -> bool:

@@ -3,7 +3,8 @@ fused call, hypothesis-grouped by the masks' leading dim.
 
 Used by scoring on CUDA. A block describes itself through fold() (fastmask.models.folding.FoldedBlock); every masked
 site applies its active mask (its hypotheses when set, else its own mask for every group) and its polynomial
-coefficients when it has them. Blocks without fold() run their own module forward.
+coefficients when it has them. Blocks without fold() run their own module forward. Converted models have no blocks
+of their own: fastmask.search.fused_graph rewrites their graph.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..models.folding import FoldedAct, FoldedBlock, FoldedConv
+from ..models.folding import FoldedBlock, FoldedConv
 from ..ops.dtypes import compute_dtype
 from ..ops.masked_act import masked_relu
 
@@ -29,6 +30,13 @@ def _conv_bn_act() -> Optional[Callable]:
     return conv_bn_act
 
 
+def conv_bn_act_or_raise() -> Callable:
+    conv_bn_act = _conv_bn_act()
+    if conv_bn_act is None:
+        raise RuntimeError(f"fastmask.ops.conv_bn_act is unavailable: {unavailable_reason()}")
+    return conv_bn_act
+
+
 def available() -> bool:
     """Whether fastmask.ops.conv_bn_act can be imported here."""
     return _conv_bn_act() is not None
@@ -42,9 +50,7 @@ class FusedBlocks:
     """Per-block fused forwards with BN folded once (the weights do not change while candidates are scored)."""
 
     def __init__(self, blocks: list[nn.Module]):
-        self.conv_bn_act = _conv_bn_act()
-        if self.conv_bn_act is None:
-            raise RuntimeError(f"fastmask.ops.conv_bn_act is unavailable: {unavailable_reason()}")
+        self.conv_bn_act = conv_bn_act_or_raise()
         self.blocks = blocks
         self.folded: list[Optional[FoldedBlock]] = [block.fold() if callable(getattr(block, "fold", None)) else None
                                                     for block in blocks]
@@ -57,7 +63,8 @@ class FusedBlocks:
 
     def _run(self, block: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        activated = _scale_shift_masked_relu(x, block.pre) if block.pre is not None else x
+        pre = block.pre
+        activated = scale_shift_masked_relu(x, pre.scale, pre.shift, pre.site) if pre is not None else x
         hidden = self._conv(block.conv1, activated)
         skip = self._conv(block.shortcut, activated) if block.shortcut is not None else x
         return self._conv(block.conv2, hidden, residual=skip)
@@ -69,14 +76,14 @@ class FusedBlocks:
                                 stride=step.stride, padding=step.padding)
 
 
-def _scale_shift_masked_relu(x: torch.Tensor, act: FoldedAct) -> torch.Tensor:
+def scale_shift_masked_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, site) -> torch.Tensor:
     """Pre-activation BN (as scale/shift) + masked ReLU in one elementwise pass that keeps x's channels_last layout
     (the masked_act op would return NCHW, and the next fused conv would copy it back). Arithmetic in the op's dtype."""
     dtype = compute_dtype(x.dtype)
-    y = x.to(dtype) * act.scale.to(dtype).view(1, -1, 1, 1) + act.shift.to(dtype).view(1, -1, 1, 1)
-    mask = act.site.active_mask()
-    if act.site.coeffs is not None:  # the polynomial replacement: the op has it
-        return masked_relu(y.to(x.dtype), mask, act.site.coeffs)
+    y = x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    mask = site.active_mask()
+    if site.coeffs is not None:  # the polynomial replacement: the op has it
+        return masked_relu(y.to(x.dtype), mask, site.coeffs)
     groups = mask.shape[0]
     grouped = y.view(groups, y.shape[0] // groups, *y.shape[1:])
     out = torch.where(mask.bool().unsqueeze(1), torch.relu(grouped), grouped)

@@ -23,8 +23,9 @@ from .. import cpu_memory
 from ..distributed import Group
 from ..errors import FastmaskError
 from ..masks import MaskSet
+from ..models.external import ConvertedModel
 from ..ops import backends
-from . import cpu_pass, fused_forward
+from . import cpu_pass, fused_forward, fused_graph
 
 CRITERIA = ("accuracy", "loss")
 # Activations live at once inside one block (input, conv output, intermediate, shortcut): the budget's multiplier.
@@ -63,7 +64,12 @@ class _Stages:
         self.fused = fused
         blocks = list(getattr(model, "blocks", []) or [])
         has_stages = blocks and callable(getattr(model, "stem", None)) and callable(getattr(model, "head", None))
-        if has_stages:
+        if fused and isinstance(model, ConvertedModel):
+            # The fused graph has stages of its own (its chains are single calls); sites are found in them the same way.
+            stages = fused_graph.fused_stages(model.net, fused_forward.conv_bn_act_or_raise())
+            self.body, self.head = stages[:-1] or stages, (stages[-1] if len(stages) > 1 else (lambda x: x))
+            owner = {id(m): index for index, stage in enumerate(self.body) for m in stage.modules()}
+        elif has_stages:
             runner = fused_forward.FusedBlocks(blocks) if fused else None
             self.body: list[Callable] = [model.stem]
             self.body += [runner.block_forward(i) if runner else block for i, block in enumerate(blocks)]
@@ -71,8 +77,8 @@ class _Stages:
             owner = {id(m): index + 1 for index, block in enumerate(blocks) for m in block.modules()}
         else:
             if fused:
-                raise FastmaskError("fused scoring needs a model from fastmask.models (stem, blocks, head); "
-                                    "pass fused=False for other models")
+                raise FastmaskError("fused scoring needs a model from fastmask.models (stem, blocks, head) or a "
+                                    "converted one; pass fused=False for other models")
             self.body, self.head, owner = [model], (lambda x: x), {}
         self.site_stage = [owner.get(id(site), 0) for site in mask_set.sites]
 
@@ -130,9 +136,9 @@ def _has_stages(model: nn.Module) -> bool:
 def _use_fused(fused: Optional[bool], device: torch.device, model: Optional[nn.Module] = None) -> bool:
     if fused is None:
         # Without Triton the fused op falls back to separate torch ops: slower than cuDNN BN + the CUDA kernel. A
-        # model without stem/blocks/head (a converted one) takes the generic path: the whole model, stacked.
+        # model with neither stem/blocks/head nor a graph to rewrite takes the generic path: the whole model, stacked.
         return (device.type == "cuda" and fused_forward.available() and backends.triton_supports("cuda")
-                and (model is None or _has_stages(model)))
+                and (model is None or _has_stages(model) or isinstance(model, ConvertedModel)))
     if fused and not fused_forward.available():
         raise FastmaskError(f"fused scoring needs fastmask.ops.conv_bn_act, which is unavailable here "
                             f"({fused_forward.unavailable_reason()}); pass fused=False")
