@@ -9,6 +9,8 @@ run once instead of K times).
 
 - CUDA (skips without a GPU): ResNet18, 100 classes, 32x32, width 64, a 1,024-image subset, K = 8 and 50;
   batched runs the fused conv_bn_act path (and, as a second row, the module path). Target: >= 4x sequential.
+  The same for torchvision's resnet18 converted (fm.convert; `--arch torchvision:resnet18`), K = 50: its fused rows
+  run the rewritten graph (fastmask.search.fused_graph) beside its module stages.
 - CPU: a reduced case (width 16, 256 images, K = 8). Target: batched >= 0.95x sequential. Scoring's first call
   times its stacked part at a few pass sizes and keeps the fastest per image (fastmask.search.cpu_pass): one pass of
   all 2,048 rows streams every activation through memory and loses to the loop's 128-image forwards, and the cache
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 import fastmask as fm
 from fastmask import cpu_memory
 from fastmask.config import BCDConfig
+from fastmask.models import external
 from fastmask.search import cpu_pass, fused_forward
 from fastmask.search.bcd import choose
 from fastmask.search.racing import race
@@ -60,9 +63,15 @@ ADT = BCDConfig().adt
 STAGES = {"mid-search": (0.5, lambda present: DRC), "late": (0.05, lambda present: round(0.05 * present))}
 
 
-def make_case(width: int, n_images: int, k: int, device: torch.device, seed: int = 0, stage: str = "mid-search"):
+def make_case(width: int, n_images: int, k: int, device: torch.device, seed: int = 0, stage: str = "mid-search",
+              arch: str = "resnet18"):
+    """fastmask's resnet18 at `width`, or a converted arch (torchvision:<name>: its own width) as --arch builds it."""
     torch.manual_seed(seed)
-    model = fm.models.create("resnet18", CLASSES, IMAGE, width=width).to(device).eval()
+    if arch == "resnet18":
+        model = fm.models.create(arch, CLASSES, IMAGE, width=width)
+    else:
+        model = external.build(arch, CLASSES, IMAGE)
+    model = model.to(device).eval()
     ms = fm.MaskSet(model)
     g = torch.Generator().manual_seed(seed)
     share, drc = STAGES[stage]
@@ -153,8 +162,8 @@ def cpu_model() -> str:
 
 
 def run_case(benchmark, bench_table, device: torch.device, width: int, n_images: int, k: int, rounds: int,
-             fused_variants: dict[str, bool | None]):
-    model, candidates, images, labels = make_case(width, n_images, k, device)
+             fused_variants: dict[str, bool | None], arch: str = "resnet18"):
+    model, candidates, images, labels = make_case(width, n_images, k, device, arch=arch)
     cpu_pass.forget()  # the agreement check below measures this case's pass size, then the timing reuses it
     expected = sequential_scores(model, candidates, images, labels)
     mismatch = {}
@@ -174,7 +183,7 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
 
     on_cpu = device.type == "cpu"
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
-            "threads": torch.get_num_threads(), "width": width, "images": n_images, "K": k, "drc": DRC,
+            "threads": torch.get_num_threads(), "arch": arch, "width": width, "images": n_images, "K": k, "drc": DRC,
             "first_differing_block": first, "prefix_conv_flops_skipped": skipped,
             "max_correct_count_mismatch": mismatch,
             "cpu_last_level_cache_bytes": cpu_pass.last_level_cache_bytes() if on_cpu else None,
@@ -187,7 +196,8 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
             f"{rows}:{ms:.3f}" for rows, ms in measured["ms_per_image_by_rows"].items())}
         info.update({"cpu_pass_rows": measured["rows"], "cpu_pass_measure_s": measured["measure_seconds"],
                      "cpu_pass_ms_per_image_by_rows": measured["ms_per_image_by_rows"]})
-    bench_table(TABLE, variant="sequential (baseline)", device=info["device"], width=width, images=n_images, K=k,
+    bench_table(TABLE, variant="sequential (baseline)", device=info["device"], arch=arch, width=width,
+                images=n_images, K=k,
                 seconds=seconds["sequential"], cand_per_s=k / seconds["sequential"], ratio=1.0,
                 prefix_flops_skipped="", pass_rows=SEQUENTIAL_BATCH if on_cpu else "", ms_per_image_by_rows="")
     for name in fused_variants:
@@ -195,7 +205,7 @@ def run_case(benchmark, bench_table, device: torch.device, width: int, n_images:
         info[f"{name}_s"] = seconds[name]
         info[f"{name}_candidates_per_s"] = k / seconds[name]
         info[f"{name}_vs_sequential"] = ratio
-        bench_table(TABLE, variant=name, device=info["device"], width=width, images=n_images, K=k,
+        bench_table(TABLE, variant=name, device=info["device"], arch=arch, width=width, images=n_images, K=k,
                     seconds=seconds[name], cand_per_s=k / seconds[name], ratio=ratio,
                     prefix_flops_skipped=f"{100 * skipped:.2f}%", pass_rows=passes["rows"],
                     ms_per_image_by_rows=passes["ms_per_image_by_rows"])
@@ -220,6 +230,16 @@ def test_scoring_cuda(benchmark, bench_table, k):
         variants = {"batched (fused)": True, **variants}
     run_case(benchmark, bench_table, torch.device("cuda"), width=64, n_images=1024, k=k, rounds=3,
              fused_variants=variants)
+
+
+@pytest.mark.cuda
+def test_scoring_converted_cuda(benchmark, bench_table):
+    """torchvision's resnet18 through fm.convert: the rewritten graph's fused chains vs its module stages."""
+    variants = {"batched (modules)": False}
+    if fused_forward.available():
+        variants = {"batched (fused graph)": True, **variants}
+    run_case(benchmark, bench_table, torch.device("cuda"), width=64, n_images=1024, k=50, rounds=3,
+             fused_variants=variants, arch="torchvision:resnet18")
 
 
 def own_predictions(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
