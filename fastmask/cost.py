@@ -78,7 +78,8 @@ class Protocol:
     rounds_per_product_site: float = 0.0
     bytes_per_linear_element: float = 0.0
     rounds_per_linear_layer: float = 0.0
-    bytes_per_linear_layer: float = 0.0
+    bytes_per_linear_output: float = 0.0
+    bytes_per_site: float = 0.0
     rounds_per_relu: float = 0.0
     setup_bytes: float = 0.0
     offline_bytes_per_relu: float = 0.0
@@ -118,22 +119,25 @@ GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weight
               source="published: Garimella et al., ASPLOS 2023 (Delphi's code measured); rounds assumed")
 
 # SecretFlow SPU 0.9.5, Cheetah (no dealer), FM64, public weights, two processes on localhost (fastmask.pi.
-# spu_runtime). SPU reports send actions, not rounds: `rounds` here are send actions, which grow with a site's size
-# too (large comparisons go out in several messages); a conv or linear layer sends one message of about 3 KB (its
-# truncation), whatever the mask; the OT setup is one-time. These starting units come from the offline default's
-# 1,200-ReLU target and its all-ReLU version; the fit over masks (bench/pi_cost.py --runtime spu-cheetah) does not
-# hold (bench/PI.md: a model with 9 sites emptied sent more bytes and messages than one with 30% kept), so Cheetah is
-# not among the PROTOCOLS the search and the report predict for.
+# spu_runtime), fitted by `bench/pi_cost.py --runtime spu-cheetah` at widths 4 and 8 (bench/PI.md: the ReLU-only
+# models within 2%, both widths). SPU reports send actions, not rounds: `rounds` here are send actions (40 per site
+# that holds a ReLU, whatever its size, + 46). Bytes are one image's steady run: 98 per kept ReLU, 290 per site
+# holding one, 3 per conv or linear output element (Cheetah truncates every product of fixed-point values), the rest
+# fixed (the input and logit shares of 16x16 one-channel images, 10 classes). Cheetah now and then also refills its
+# silent-OT pool (about 0.3 MB for a run of ReLUs, rarely); the polynomial's secret products use so many OTs that it
+# refills every other image, so their 409 bytes each are a median that single images miss by up to 40%. The OT
+# setup is one-time (setup_bytes).
 SPU_CHEETAH = Protocol(
-    name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=100.2,
-    rounds_per_site=40.0, rounds_per_relu=0.009, bytes_fixed=3190.0, rounds_fixed=35.0,
-    bytes_per_linear_layer=3000.0, setup_bytes=1.47e6,
-    source="SecretFlow SPU 0.9.5 Cheetah, two runs of one model (bench/PI.md); not validated over masks")
+    name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=98.2,
+    rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=3300.0, rounds_fixed=46.0, bytes_per_linear_output=3.0,
+    bytes_per_product=409.0, rounds_per_product_site=8.0, setup_bytes=1.47e6,
+    source="fitted from SecretFlow SPU 0.9.5 Cheetah runs (bench/pi_cost.py --runtime spu-cheetah, bench/PI.md)")
 
-# The protocols predictions are made for: each fitted from its runs within 5% (CrypTen) or cited (gc-delphi).
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CRYPTEN_PUBLIC, CRYPTEN_SECRET, GC)}
-# Starting points for bench/pi_cost.py's fits, the unvalidated ones too.
-FIT_STARTS: dict[str, Protocol] = {**PROTOCOLS, SPU_CHEETAH.name: SPU_CHEETAH}
+# The protocols predictions are made for: each fitted from its runs within 5% (CrypTen, SPU Cheetah's ReLUs) or
+# cited (gc-delphi).
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CRYPTEN_PUBLIC, CRYPTEN_SECRET, SPU_CHEETAH, GC)}
+# Starting points for bench/pi_cost.py's fits.
+FIT_STARTS: dict[str, Protocol] = dict(PROTOCOLS)
 DEFAULT_PROTOCOL = "crypten-public"
 
 
@@ -152,6 +156,7 @@ class LinearLayer:
     input_elements: int
     weight_elements: int
     macs: int
+    output_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,7 @@ def workload(model: nn.Module, image_shape: Optional[Sequence[int]] = None) -> W
         else:
             macs = int(output[0].numel()) * int(weight.shape[1])
         layers.append(LinearLayer(names.get(id(module), type(module).__name__), int(x[0].numel()),
-                                  int(weight.numel()), macs))
+                                  int(weight.numel()), macs, int(output[0].numel())))
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
@@ -266,8 +271,9 @@ class Cost:
 def predict(load: Workload, protocol: Protocol) -> Cost:
     """The protocol's bytes, rounds and local compute for one inference of the workload."""
     p = protocol
-    bytes_ = (p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_product * sum(load.products)
-              + p.bytes_per_linear_layer * len(load.linear))
+    bytes_ = (p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_site * load.sites
+              + p.bytes_per_product * sum(load.products)
+              + p.bytes_per_linear_output * sum(layer.output_elements for layer in load.linear))
     rounds = (p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_relu * load.relus
               + p.rounds_per_product_site * load.product_sites)
     if p.secret_weights:
@@ -289,7 +295,8 @@ def site_saving(protocol: Protocol, network: Network) -> tuple[float, float]:
     removal by. Emptying a site saves the second on top of the first."""
     per_relu = (protocol.bytes_per_relu * 8.0 / (network.bandwidth_mbit * 1e6) + protocol.seconds_per_relu
                 + protocol.rounds_per_relu * network.rtt_ms / 1e3)
-    per_site = protocol.rounds_per_site * network.rtt_ms / 1e3 + protocol.seconds_per_site
+    per_site = (protocol.rounds_per_site * network.rtt_ms / 1e3 + protocol.seconds_per_site
+                + protocol.bytes_per_site * 8.0 / (network.bandwidth_mbit * 1e6))
     return per_relu, per_site
 
 
@@ -341,8 +348,9 @@ def _non_negative_lstsq(rows: list[list[float]], values: list[float]) -> list[fl
 
 
 def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, list[dict]]:
-    """Refits `base`'s units from runs of that protocol by least squares: bytes on (1, kept ReLUs, secret products),
-    rounds on (1, sites holding a ReLU, sites with products), compute seconds on (1, kept ReLUs, sites) when the runs
+    """Refits `base`'s units from runs of that protocol by least squares: bytes on (1, kept ReLUs, [sites holding a
+    ReLU,] secret products), rounds on (1, sites holding a ReLU, [kept ReLUs,] sites with products) (the bracketed
+    units only where `base` has them), compute seconds on (1, kept ReLUs, sites) when the runs
     were timed; product units only when some run has products. The linear-layer units (secret weights) are constant
     for one architecture, so they are kept from `base` and subtracted first. Returns the fitted protocol and every
     run's prediction and error in percent."""
@@ -351,11 +359,13 @@ def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, 
         raise FastmaskError(f"fit: {base.name} needs at least 3 runs with different masks, got {len(runs)}")
     with_products = any(sum(m.load.products) for m in runs)
     per_relu_rounds = base.rounds_per_relu != 0  # runtimes whose messages grow with a site's size (SPU)
+    per_site_bytes = base.bytes_per_site != 0  # runtimes whose comparisons pay a fixed part per call (SPU)
     linear_only = dataclasses.replace(base, bytes_per_relu=0.0, rounds_per_site=0.0, bytes_fixed=0.0,
                                       rounds_fixed=0.0, bytes_per_product=0.0, rounds_per_product_site=0.0,
-                                      rounds_per_relu=0.0, seconds_fixed=None)
+                                      rounds_per_relu=0.0, bytes_per_site=0.0, seconds_fixed=None)
     rest = [predict(m.load, linear_only) for m in runs]
-    bytes_units = _lstsq([[1.0, m.load.relus] + ([sum(m.load.products)] if with_products else []) for m in runs],
+    bytes_units = _lstsq([[1.0, m.load.relus] + ([m.load.sites] if per_site_bytes else []) +
+                          ([sum(m.load.products)] if with_products else []) for m in runs],
                          [m.bytes - r.bytes for m, r in zip(runs, rest)])
     rounds_units = _lstsq([[1.0, m.load.sites] + ([m.load.relus] if per_relu_rounds else []) +
                            ([m.load.product_sites] if with_products else []) for m in runs],
@@ -364,8 +374,10 @@ def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, 
                                  rounds_fixed=rounds_units[0], rounds_per_site=rounds_units[1])
     if per_relu_rounds:
         fitted = dataclasses.replace(fitted, rounds_per_relu=rounds_units[2])
+    if per_site_bytes:
+        fitted = dataclasses.replace(fitted, bytes_per_site=bytes_units[2])
     if with_products:
-        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[2], rounds_per_product_site=rounds_units[-1])
+        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[-1], rounds_per_product_site=rounds_units[-1])
     timed = [m for m in runs if m.seconds is not None]
     if len(timed) >= 3:
         s_fixed, s_relu, s_site = _non_negative_lstsq([[1.0, m.load.relus, m.load.sites] for m in timed],

@@ -51,7 +51,7 @@ def test_an_emptied_site_drops_its_rounds_and_its_relus_bytes(name):
     emptied = load.with_kept([0] + list(load.kept[1:]))
     full, cut = cost.predict(load, protocol), cost.predict(emptied, protocol)
     assert full.rounds - cut.rounds == pytest.approx(protocol.rounds_per_site + protocol.rounds_per_relu * load.kept[0])
-    assert full.bytes - cut.bytes == pytest.approx(protocol.bytes_per_relu * load.kept[0])
+    assert full.bytes - cut.bytes == pytest.approx(protocol.bytes_per_relu * load.kept[0] + protocol.bytes_per_site)
     wan = cost.NETWORKS["wan"]
     per_relu, per_site = cost.site_saving(protocol, wan)
     assert full.latency(wan) - cut.latency(wan) == pytest.approx(per_relu * load.kept[0] + per_site)

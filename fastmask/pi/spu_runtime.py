@@ -21,10 +21,15 @@ both parties; SPU counts its own traffic, see spu_party's docstring):
   keys); SPU gives no counter of its own for it, so it is measured as this difference.
 - send_actions: send calls per image, both parties, the two share messages included; SPU's counters give no rounds,
   so rounds is None.
+- steady_bytes, steady_send_actions: the median over the images: one image's run without the extra traffic Cheetah
+  sends now and then (its silent-OT pool refilled: about 0.3 MB and 1,300 send actions for a run of ReLUs, more
+  often and about 1.1 MB each where secret products use many OTs). Every image of a job runs the same program on the
+  same shapes, so the steady run is the same for all; bytes and send_actions (means) carry the refills, amortized
+  over the images run, and so depend on how many were run. bytes_by_image and send_actions_by_image list them.
 - op_bytes: the online bytes per image split by the SPU op that sent them, from the per-op lines SPU prints with
   each run. pphlo.less and the pphlo.multiply of the select are the ReLUs, about 100 bytes per element with Cheetah
   (pphlo.multiply also holds the graph's own Mul nodes: a BN affine, a polynomial); pphlo.convolution and pphlo.dot
-  with public weights are the truncations of their outputs, one message of about 3 KB per op whatever its size;
+  with public weights are the truncations of their outputs, one message per op of 3 bytes per output element;
   "input and output shares" are the two share messages. They sum to bytes.
 - seconds_per_image: the mean over the images of the slower party's wall time for one image (shares in, run, out).
 - logits: [N, classes] float32 tensor as reconstructed by the client.
@@ -133,6 +138,9 @@ def run_spu(jobs: Sequence[dict], images: torch.Tensor, protocol: str = "cheetah
                         "warmup_bytes": run_bytes[0], "weight_bytes": weight_bytes,
                         "setup_bytes": run_bytes[0] - online + weight_bytes,
                         "send_actions": float(np.mean(run_actions[1:])), "rounds": None,
+                        "steady_bytes": float(np.median(run_bytes[1:])),
+                        "steady_send_actions": float(np.median(run_actions[1:])),
+                        "bytes_by_image": run_bytes[1:], "send_actions_by_image": run_actions[1:],
                         "op_bytes": {op: op_bytes[op] for op in sorted(op_bytes, key=op_bytes.get, reverse=True)},
                         "seconds_per_image": float(np.mean(run_seconds[1:])), "logits": logits[index]})
     return results
