@@ -158,6 +158,8 @@ def test_pi_command_spu_semi2k_in_a_run_folder(tmp_path, capsys, digits, spu_pyt
     for row in rows:
         assert row["agreement"] == 1.0 and row["rounds"] is None and row["send_actions"] > 0
         assert row["setup_bytes"] is not None and row["bytes"] > 0
+        # two images: the median image is their mean
+        assert (row["steady_bytes"], row["steady_send_actions"]) == (row["bytes"], row["send_actions"])
     kept = json.loads((target / "pi.json").read_text())
     assert kept == crypten_rows + rows
     assert json.loads((run / "summary.json").read_text())["targets"][0]["pi"] == kept

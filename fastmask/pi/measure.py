@@ -56,7 +56,8 @@ def compare(models: list[tuple[str, str, nn.Module]], images: torch.Tensor, labe
     """models: [(label, role, model)]; images normalized [N, C, H, W]. Exports each model to work/<role>.onnx, runs
     them under `runtime` and returns one row per (mode, model): online bytes per image, setup bytes (SPU; None where
     the runtime does not separate them), send actions (SPU) and rounds (CrypTen) per image, seconds per image,
-    agreement with plaintext. SPU rows also carry op_bytes, the online bytes split by SPU op."""
+    agreement with plaintext. SPU rows also carry op_bytes, the online bytes split by SPU op, and steady_bytes and
+    steady_send_actions, the median image's (see fastmask.pi.spu_runtime)."""
     if any(mode not in MODES for mode in modes) or not modes:
         raise FastmaskError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
     if runtime not in RUNTIMES:
@@ -96,6 +97,9 @@ def compare(models: list[tuple[str, str, nn.Module]], images: torch.Tensor, labe
                "images": int(images.shape[0])}
         if "op_bytes" in result:
             row["op_bytes"] = {op: int(round(v)) for op, v in result["op_bytes"].items()}
+        if "steady_bytes" in result:  # SPU: one image's run without the silent-OT refills the means amortize
+            row["steady_bytes"] = int(round(result["steady_bytes"]))
+            row["steady_send_actions"] = int(round(result["steady_send_actions"]))
         rows.append(row)
     return rows
 
