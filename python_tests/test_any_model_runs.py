@@ -1,10 +1,13 @@
 """A user's own model through whole runs, as separate processes: a builder in a .py file and a state_dict saved by
 plain PyTorch run fastmask-linearize, are killed with SIGKILL once BCD has saved a target, resume to the masks and
-weights of the uninterrupted run, and export to an ONNX graph whose Relu elements are the target's ReLU count."""
+weights of the uninterrupted run, and export to an ONNX graph whose Relu elements are the target's ReLU count; the
+same run under torchrun with two processes lands on exact targets with the same masks on both, and its sharded
+search makes one process's first decision."""
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -98,10 +101,14 @@ def user_files(tmp_path) -> tuple[Path, Path, Path]:
     return builder, weights, npz
 
 
-def linearize(out: Path, builder: Path, weights: Path, npz: Path, *extra: str) -> subprocess.Popen:
-    """`python -m fastmask` (fastmask-linearize) as its own process, one thread."""
+def linearize(out: Path, builder: Path, weights: Path, npz: Path, *extra: str, processes: int = 1
+              ) -> subprocess.Popen:
+    """`python -m fastmask` (fastmask-linearize) as its own process, one thread; with processes > 1,
+    `torchrun --standalone --nproc_per_node N -m fastmask`, as a user starts it."""
     command = [sys.executable, "-m", "fastmask", "--dataset", f"npz:{npz}", "--arch", f"{builder}:build",
                "--checkpoint", str(weights), "--out", str(out), *SETTINGS, *extra]
+    if processes > 1:
+        command[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -171,3 +178,32 @@ def test_a_user_model_killed_during_bcd_resumes_to_the_uninterrupted_run_and_exp
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_torchrun_runs_a_user_model_to_exact_targets_with_one_process_s_first_decision(user_files, tmp_path):
+    from fastmask import distributed
+
+    builder, weights, npz = user_files
+    two, one = tmp_path / "two", tmp_path / "one"
+    together = linearize(two, builder, weights, npz, processes=2)
+    alone = linearize(one, builder, weights, npz)
+    output, _ = finish(together), finish(alone)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"]["count"] == 2 and summary["processes"]["backend"] == "gloo"
+    assert output.count("2 processes (gloo)") == 1 and "(rank 1)" not in output  # rank 0 alone logs
+    digests = {}
+    for budget in TARGETS:
+        model = load_model(two / "targets" / str(budget) / "model.safetensors")
+        assert fm.relu_count(model) == budget  # exact
+        digests[budget] = distributed.masks_digest(model)
+    # every step checked both processes' masks; the last word, in the summary, is the last target's
+    assert summary["processes"]["masks_sha256"] == digests[TARGETS[-1]]
+    # the same steps as one process, and the same first choice, scored on the same subset from the same weights
+    # (later steps differ: BatchNorm normalizes each process's half of a finetune batch)
+    ours, theirs = steps_done(two), steps_done(one)
+    assert [row["budget_after"] for row in ours] == [row["budget_after"] for row in theirs]
+    for key in ("ref_acc", "ref_loss", "accepted_index", "accepted_acc", "accepted_loss", "tries_scored"):
+        assert ours[0][key] == theirs[0][key], key
+    for run in (two, one):
+        assert [t["budget"] for t in json.loads((run / "summary.json").read_text())["targets"]] == list(TARGETS)
