@@ -80,6 +80,7 @@ class Protocol:
     rounds_per_linear_layer: float = 0.0
     bytes_per_linear_output: float = 0.0
     bytes_per_site: float = 0.0
+    bytes_per_io_element: float = 0.0  # the input's shares and the logits' shares, per element
     rounds_per_relu: float = 0.0
     setup_bytes: float = 0.0
     offline_bytes_per_relu: float = 0.0
@@ -123,13 +124,14 @@ GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weight
 # models within 2%, both widths). SPU reports send actions, not rounds: `rounds` here are send actions (40 per site
 # that holds a ReLU, whatever its size, + 46). Bytes are one image's steady run: 98 per kept ReLU, 290 per site
 # holding one, 3 per conv or linear output element (Cheetah truncates every product of fixed-point values), the rest
-# fixed (the input and logit shares of 16x16 one-channel images, 10 classes). Cheetah now and then also refills its
+# fixed, and 8 per element of the image's and the logits' shares (FM64). Cheetah now and then also refills its
 # silent-OT pool (about 0.3 MB for a run of ReLUs, rarely); the polynomial's secret products use so many OTs that it
 # refills every other image, so their 409 bytes each are a median that single images miss by up to 40%. The OT
 # setup is one-time (setup_bytes).
 SPU_CHEETAH = Protocol(
     name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=98.2,
-    rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=3300.0, rounds_fixed=46.0, bytes_per_linear_output=3.0,
+    rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=1172.0, rounds_fixed=46.0, bytes_per_linear_output=3.0,
+    bytes_per_io_element=8.0,
     bytes_per_product=409.0, rounds_per_product_site=8.0, setup_bytes=1.47e6,
     source="fitted from SecretFlow SPU 0.9.5 Cheetah runs (bench/pi_cost.py --runtime spu-cheetah, bench/PI.md)")
 
@@ -168,6 +170,8 @@ class Workload:
     products: tuple[int, ...]
     linear: tuple[LinearLayer, ...]
     site_names: tuple[str, ...] = ()
+    input_elements: int = 0
+    output_elements: int = 0
 
     @property
     def relus(self) -> int:
@@ -185,6 +189,11 @@ class Workload:
     @property
     def macs(self) -> int:
         return sum(layer.macs for layer in self.linear)
+
+    @property
+    def io_elements(self) -> int:
+        """One image's elements and its logits: what the parties share in and out."""
+        return self.input_elements + self.output_elements
 
     def with_kept(self, kept: Sequence[int], products: Optional[Sequence[int]] = None) -> "Workload":
         """The same model with other per-site kept counts (and secret products) (for what-if costs in the search)."""
@@ -238,15 +247,17 @@ def workload(model: nn.Module, image_shape: Optional[Sequence[int]] = None) -> W
     was_training = model.training
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
+    shape = _input_shape(model, image_shape)
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *_input_shape(model, image_shape), device=device))
+            logits = model(torch.zeros(1, *shape, device=device))
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return Workload(tuple(kept), tuple(products), tuple(layers), tuple(n for n, _ in sites))
+    return Workload(tuple(kept), tuple(products), tuple(layers), tuple(n for n, _ in sites),
+                    input_elements=int(math.prod(shape)), output_elements=int(logits[0].numel()))
 
 
 # ---- predictions ------------------------------------------------------------------------------------------------
@@ -273,7 +284,8 @@ def predict(load: Workload, protocol: Protocol) -> Cost:
     p = protocol
     bytes_ = (p.bytes_fixed + p.bytes_per_relu * load.relus + p.bytes_per_site * load.sites
               + p.bytes_per_product * sum(load.products)
-              + p.bytes_per_linear_output * sum(layer.output_elements for layer in load.linear))
+              + p.bytes_per_linear_output * sum(layer.output_elements for layer in load.linear)
+              + p.bytes_per_io_element * load.io_elements)
     rounds = (p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_relu * load.relus
               + p.rounds_per_product_site * load.product_sites)
     if p.secret_weights:

@@ -35,6 +35,8 @@ def test_workload_counts_kept_relus_sites_products_and_linear_layers():
     assert conv1.input_elements == 1 * 16 * 16 and conv1.weight_elements == 2 * 1 * 3 * 3
     assert conv1.macs == 2 * 16 * 16 * 9
     assert load.linear[-1].macs == 10 * 16  # linear: 16 features (width 2 * 8) to 10 classes
+    assert load.io_elements == 1 * 16 * 16 + 10  # the image's shares in, the logits' out
+    assert conv1.output_elements == 2 * 16 * 16 and load.linear[-1].output_elements == 10
 
     poly = tiny(0.3, emptied=(2,), polynomial=True)
     load = cost.workload(poly)
