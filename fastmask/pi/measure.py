@@ -30,9 +30,10 @@ RUNTIMES = {
         "truncations, HE for secret x secret products. Online bytes are payload bytes sent by both parties per "
         "image, input and output shares included; setup bytes (OT setup, and the weight shares in secret mode) are "
         "paid once per model and connection and are not in the online bytes. With public weights each convolution "
-        "still sends one message of about 3 KB (the truncation of its fixed-point output), whatever its size and "
-        "however many ReLUs follow it, so the bytes fall a little slower than the ReLU count. SPU counts send "
-        "actions, not rounds.")},
+        "still sends 3 bytes per output element (the truncation of its fixed-point output), however many ReLUs "
+        "follow it, so the bytes fall slower than the ReLU count. The bytes and send actions are means over the "
+        "images: Cheetah now and then refills its silent-OT pool within a run (steady_bytes and "
+        "steady_send_actions in pi.json: the median image). SPU counts send actions, not rounds.")},
     "spu-semi2k": {"protocol": "semi2k-tfp", "dealer": True, "note": (
         "SPU's SEMI2K here uses trusted-first-party Beaver triples: party 0 deals them, as in CrypTen's default, so "
         "its bytes are not those of a dealer-free protocol. SPU counts send actions, not rounds.")},
