@@ -389,7 +389,8 @@ def fit(measurements: Sequence[Measurement], base: Protocol) -> tuple[Protocol, 
     if per_site_bytes:
         fitted = dataclasses.replace(fitted, bytes_per_site=bytes_units[2])
     if with_products:
-        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[-1], rounds_per_product_site=rounds_units[-1])
+        fitted = dataclasses.replace(fitted, bytes_per_product=bytes_units[-1],
+                                     rounds_per_product_site=rounds_units[-1])
     timed = [m for m in runs if m.seconds is not None]
     if len(timed) >= 3:
         s_fixed, s_relu, s_site = _non_negative_lstsq([[1.0, m.load.relus, m.load.sites] for m in timed],

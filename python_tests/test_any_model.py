@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomized
 
 import fastmask as fm
 from fastmask import cli
@@ -292,20 +293,6 @@ class _Pools(nn.Module):
         return self.fc(torch.cat([small.flatten(1), odd.view(odd.size(0), -1)], 1))
 
 
-def _randomized(model: nn.Module, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            c = module.num_features
-            module.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
-            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
-    masks = fm.MaskSet(model)
-    masks.remove(torch.randperm(masks.total(), generator=generator)[: masks.total() // 2])
-    return model.eval()
-
-
 @pytest.mark.parametrize("make", ["pools", "torchvision:resnet18", "torchvision:densenet121"])
 def test_export_of_converted_models_keeps_relu_on_kept_positions_and_matches_pytorch(make, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -314,7 +301,7 @@ def test_export_of_converted_models_keeps_relu_on_kept_positions_and_matches_pyt
     torch.manual_seed(0)
     size = {"pools": 8, "torchvision:resnet18": 16}.get(make, 32)
     plain = _Pools() if make == "pools" else external.build_plain(make, 3)
-    model = _randomized(external.convert_plain(plain, make, 3, size), 0)
+    model = randomized(external.convert_plain(plain, make, 3, size), 0)
     proto, manifest, _ = build_onnx(model)
     assert relu_elements(proto) == fm.relu_count(model) == manifest["relu_count"]
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -336,7 +323,7 @@ def test_fastmask_export_command_on_a_converted_checkpoint(builder, tmp_path, ca
     save_model(external.build(f"{builder}:build", 3, 8), other)
     assert cli.export_main([str(other)]) == 2
     assert "cannot lower six (ReLU6)" in capsys.readouterr().err
-    model = _randomized(external.build(f"{builder}:relu_only", 3, 8), 1)
+    model = randomized(external.build(f"{builder}:relu_only", 3, 8), 1)
     path = tmp_path / "m.safetensors"
     save_model(model, path)
     assert cli.export_main([str(path)]) == 0, capsys.readouterr().err
@@ -487,7 +474,7 @@ def test_converted_stages_compose_to_the_model_and_scoring_matches_one_candidate
     from fastmask.search.scoring import first_differing_block, score_hypotheses
 
     torch.manual_seed(0)
-    model = _randomized(external.build(arch, 10, 32), 3)
+    model = randomized(external.build(arch, 10, 32), 3)
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         staged = model.stem(x)

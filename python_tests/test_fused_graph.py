@@ -4,15 +4,13 @@ reference conv_bn_act stands in for the kernel so the wiring is checked on any m
 kernel under the interpreter."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomized, run_with_interpreted_triton
 
 import fastmask as fm
 from fastmask.models import external
@@ -22,23 +20,6 @@ from fastmask.search.scoring import score_current, score_hypotheses
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomized(model: nn.Module, seed: int, removed_fraction: float = 0.4) -> nn.Module:
-    """BN statistics and affine away from the identity, conv biases nonzero, part of the ReLUs removed."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            c = module.num_features
-            module.running_mean.copy_(torch.rand(c, generator=generator) - 0.5)
-            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
-        if isinstance(module, nn.Conv2d) and module.bias is not None:
-            module.bias.data.copy_(torch.rand(module.out_channels, generator=generator) - 0.5)
-    masks = fm.MaskSet(model)
-    masks.remove(torch.randperm(masks.total(), generator=generator)[: int(masks.total() * removed_fraction)])
-    return model.eval()
 
 
 class Toy(nn.Module):
@@ -81,8 +62,8 @@ def toy(num_classes: int = 10) -> nn.Module:
 def build(arch: str, seed: int = 0) -> external.ConvertedModel:
     torch.manual_seed(seed)
     if arch == "toy":
-        return randomized(external.convert_plain(toy(), "toy", 10, 8), seed)
-    return randomized(external.build(arch, 10, 32), seed)
+        return randomized(external.convert_plain(toy(), "toy", 10, 8), seed, removed_fraction=0.4)
+    return randomized(external.build(arch, 10, 32), seed, removed_fraction=0.4)
 
 
 @pytest.fixture
@@ -194,7 +175,7 @@ def test_fused_scoring_follows_weights_changed_between_calls(reference_kernel):
 
 def test_polynomial_sites_through_the_fused_chains(reference_kernel):
     torch.manual_seed(0)
-    model = randomized(external.convert_plain(toy(), "toy", 10, 8, polynomial=True), 0)
+    model = randomized(external.convert_plain(toy(), "toy", 10, 8, polynomial=True), 0, removed_fraction=0.4)
     generator = torch.Generator().manual_seed(2)
     for _, site in fm.masked_sites(model):
         if site.coeffs is not None:
@@ -236,8 +217,4 @@ def test_fused_converted_path_with_triton_kernel_interpreted():
     pytest.importorskip("triton")
     if not fused_forward.available():
         pytest.skip(f"fastmask.ops.conv_bn_act is not in this build ({fused_forward.unavailable_reason()})")
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTMASK_BACKEND="triton", OMP_NUM_THREADS="1")
-    script = _TRITON_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "fused ok" in result.stdout
+    run_with_interpreted_triton(_TRITON_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent)), "fused ok")

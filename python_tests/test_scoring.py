@@ -3,7 +3,6 @@ prefix sharing, chunking, early stop, the mask index of each group, polynomial s
 rows per pass (measured, never the reported cache size alone), and the fused block path."""
 import copy
 import itertools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import randomize_batchnorm
+from helpers import randomize_batchnorm, run_with_interpreted_triton
 
 import fastmask as fm
 from fastmask import cpu_memory, report
@@ -653,8 +652,4 @@ def test_fused_path_with_triton_kernel_interpreted():
     pytest.importorskip("triton")
     if not fused_forward.available():
         pytest.skip(f"fastmask.ops.conv_bn_act is not in this build yet ({fused_forward.unavailable_reason()})")
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTMASK_BACKEND="triton", OMP_NUM_THREADS="1")
-    script = _FUSED_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "fused ok" in result.stdout
+    run_with_interpreted_triton(_FUSED_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent)), "fused ok")

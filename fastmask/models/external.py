@@ -89,7 +89,7 @@ def stage_split(net: torch.fx.GraphModule) -> list[nn.Module]:
     for node in nodes:
         last_use = max((position[u] for u in node.users if u in position), default=position[node])
         expiring.setdefault(last_use, []).append(node)
-    live, stages, current = set(), [[]], nodes[0]
+    live, stages = set(), [[]]
     for i, node in enumerate(nodes):
         if node.op not in ("placeholder", "output"):
             stages[-1].append(node)
@@ -108,7 +108,7 @@ def stage_split(net: torch.fx.GraphModule) -> list[nn.Module]:
         graph = torch.fx.Graph()
         env = {incoming: graph.placeholder(incoming.name if index == 0 else "x")}
 
-        def read(node: torch.fx.Node) -> torch.fx.Node:
+        def read(node: torch.fx.Node, env: dict = env, graph: torch.fx.Graph = graph) -> torch.fx.Node:
             if node not in env:  # an attribute: read where it is used
                 env[node] = graph.get_attr(node.target)
             return env[node]
