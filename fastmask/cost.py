@@ -81,6 +81,10 @@ class Protocol:
     bytes_per_linear_output: float = 0.0
     bytes_per_site: float = 0.0
     bytes_per_io_element: float = 0.0  # the input's shares and the logits' shares, per element
+    # Rounds per message a conv or linear layer sends, its output split into messages of at most this many elements
+    # (0: layers send nothing of their own)
+    rounds_per_linear_message: float = 0.0
+    linear_message_elements: int = 0
     rounds_per_relu: float = 0.0
     setup_bytes: float = 0.0
     offline_bytes_per_relu: float = 0.0
@@ -121,17 +125,18 @@ GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weight
 
 # SecretFlow SPU 0.9.5, Cheetah (no dealer), FM64, public weights, two processes on localhost (fastmask.pi.
 # spu_runtime), fitted by `bench/pi_cost.py --runtime spu-cheetah` at widths 4 and 8 (bench/PI.md: the ReLU-only
-# models within 2%, both widths). SPU reports send actions, not rounds: `rounds` here are send actions (40 per site
-# that holds a ReLU, whatever its size, + 46). Bytes are one image's steady run: 98 per kept ReLU, 290 per site
-# holding one, 3 per conv or linear output element (Cheetah truncates every product of fixed-point values), the rest
-# fixed, and 8 per element of the image's and the logits' shares (FM64). Cheetah now and then also refills its
+# models within 2%, both widths). SPU reports send actions, not rounds: `rounds` here are send actions: 40 per site
+# that holds a ReLU, whatever its size, 2 per conv or linear layer and 2,048 elements of its output (its truncation,
+# one message each way), 4 fixed. Bytes are one image's steady run: 98 per kept ReLU, 290 per site holding one, 3 per
+# conv or linear output element (Cheetah truncates every product of fixed-point values), the rest fixed, and 8 per
+# element of the image's and the logits' shares (FM64). Cheetah now and then also refills its
 # silent-OT pool (about 0.3 MB for a run of ReLUs, rarely); the polynomial's secret products use so many OTs that it
 # refills every other image, so their 409 bytes each are a median that single images miss by up to 40%. The OT
 # setup is one-time (setup_bytes).
 SPU_CHEETAH = Protocol(
     name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=98.2,
-    rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=1172.0, rounds_fixed=46.0, bytes_per_linear_output=3.0,
-    bytes_per_io_element=8.0,
+    rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=1172.0, rounds_fixed=4.0, bytes_per_linear_output=3.0,
+    bytes_per_io_element=8.0, rounds_per_linear_message=2.0, linear_message_elements=2048,
     bytes_per_product=409.0, rounds_per_product_site=8.0, setup_bytes=1.47e6,
     source="fitted from SecretFlow SPU 0.9.5 Cheetah runs (bench/pi_cost.py --runtime spu-cheetah, bench/PI.md)")
 
@@ -288,6 +293,9 @@ def predict(load: Workload, protocol: Protocol) -> Cost:
               + p.bytes_per_io_element * load.io_elements)
     rounds = (p.rounds_fixed + p.rounds_per_site * load.sites + p.rounds_per_relu * load.relus
               + p.rounds_per_product_site * load.product_sites)
+    if p.linear_message_elements:
+        rounds += p.rounds_per_linear_message * sum(math.ceil(layer.output_elements / p.linear_message_elements)
+                                                    for layer in load.linear)
     if p.secret_weights:
         bytes_ += p.bytes_per_linear_element * sum(layer.input_elements + layer.weight_elements
                                                      for layer in load.linear)

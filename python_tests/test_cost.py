@@ -67,6 +67,19 @@ def test_secret_weights_pay_for_linear_layers():
     assert secret.rounds - public.rounds == pytest.approx(len(load.linear))
 
 
+def test_cheetah_layers_send_a_message_per_2048_output_elements_each_way():
+    """A conv's truncation goes out in messages of at most 2,048 elements, one each way (measured: 2,048 elements one
+    send action a party, 3,072 two); its bytes are 3 per element however they are split."""
+    load = cost.workload(tiny(0.3))
+    layer = load.linear[0]
+    wider = dataclasses.replace(load, linear=(dataclasses.replace(layer, output_elements=2049),) + load.linear[1:])
+    at_limit = dataclasses.replace(load, linear=(dataclasses.replace(layer, output_elements=2048),) + load.linear[1:])
+    p = cost.SPU_CHEETAH
+    assert cost.predict(wider, p).rounds - cost.predict(at_limit, p).rounds == 2  # one more message each way
+    assert cost.predict(wider, p).bytes - cost.predict(at_limit, p).bytes == pytest.approx(p.bytes_per_linear_output)
+    assert cost.predict(wider, cost.CRYPTEN_PUBLIC).rounds == cost.predict(at_limit, cost.CRYPTEN_PUBLIC).rounds
+
+
 def test_latency_is_compute_plus_rounds_times_rtt_plus_bytes_over_bandwidth():
     c = cost.Cost("x", bytes=1_000_000, rounds=100, seconds_compute=0.5)
     network = cost.Network("n", bandwidth_mbit=80.0, rtt_ms=20.0)
