@@ -129,10 +129,10 @@ GC = Protocol(name="gc-delphi", runtime="published", dealer=False, secret_weight
 # that holds a ReLU, whatever its size, 2 per conv or linear layer and 2,048 elements of its output (its truncation,
 # one message each way), 4 fixed. Bytes are one image's steady run: 98 per kept ReLU, 290 per site holding one, 3 per
 # conv or linear output element (Cheetah truncates every product of fixed-point values), the rest fixed, and 8 per
-# element of the image's and the logits' shares (FM64). Cheetah now and then also refills its
-# silent-OT pool (about 0.3 MB for a run of ReLUs, rarely); the polynomial's secret products use so many OTs that it
-# refills every other image, so their 409 bytes each are a median that single images miss by up to 40%. The OT
-# setup is one-time (setup_bytes).
+# element of the image's and the logits' shares (FM64). Cheetah now and then also refills its silent-OT pool (about
+# 0.3 MB for a run of ReLUs, rarely); the polynomial's secret products use so many OTs that it refills every other
+# image, so their 409 bytes each are a median that single images miss by up to 40%. The OT setup is one-time
+# (setup_bytes).
 SPU_CHEETAH = Protocol(
     name="spu-cheetah-public", runtime="spu-cheetah", dealer=False, secret_weights=False, bytes_per_relu=98.2,
     rounds_per_site=40.0, bytes_per_site=290.0, bytes_fixed=1172.0, rounds_fixed=4.0, bytes_per_linear_output=3.0,
