@@ -109,7 +109,8 @@ def stage_split(net: torch.fx.GraphModule) -> list[nn.Module]:
         env = {incoming: graph.placeholder(incoming.name if index == 0 else "x")}
 
         def read(node: torch.fx.Node, env: dict = env, graph: torch.fx.Graph = graph) -> torch.fx.Node:
-            if node not in env:  # an attribute: read where it is used
+            if node not in env:  # an attribute: read where it is used (the cut leaves no other value behind)
+                assert node.op == "get_attr", f"stage_split: {node} crosses a cut"
                 env[node] = graph.get_attr(node.target)
             return env[node]
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..nn import MaskedReLU
 from ..ops.reference import fold_batchnorm
+from .fused_forward import scale_shift_masked_relu
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -79,8 +80,6 @@ class FusedScaleShiftSite(nn.Module):
         self.scale, self.shift = fold_batchnorm(self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .fused_forward import scale_shift_masked_relu
-
         return scale_shift_masked_relu(x, self.scale, self.shift, self.site)
 
 
